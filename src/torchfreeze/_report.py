@@ -1,0 +1,64 @@
+"""Shared rendering for torchfreeze's report dataclasses.
+
+Every report prints as a readable table (``str(report)``, plain text with no
+escape codes so it is safe in logs), renders with colour through rich
+(``rich.print(report)``), and converts to plain Python with ``to_dict()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Any
+
+from rich.console import Console, RenderableType
+
+__all__ = ["Report", "fmt_count", "render_text", "to_plain"]
+
+
+def render_text(renderable: RenderableType, *, width: int = 120) -> str:
+    """Render a rich renderable to plain text (no colour, no escape codes)."""
+    buf = io.StringIO()
+    console = Console(
+        file=buf, width=width, force_terminal=False, color_system=None, no_color=True
+    )
+    console.print(renderable)
+    return buf.getvalue().rstrip("\n")
+
+
+def fmt_count(n: float) -> str:
+    """``1234567 -> '1.2 M'``: parameter counts as people read them."""
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{int(n)}"
+
+
+def to_plain(value: Any) -> Any:
+    """Tuples, sets, dataclasses, torch sizes/dtypes -> JSON-able Python."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if f.repr}
+    if isinstance(value, dict):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+class Report:
+    """Mixin for report dataclasses: subclasses implement ``_rich()``."""
+
+    def _rich(self) -> RenderableType:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __rich__(self) -> RenderableType:
+        return self._rich()
+
+    def __str__(self) -> str:
+        return render_text(self._rich())
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)

@@ -1,0 +1,74 @@
+"""Exceptions raised by torchfreeze.
+
+Every error derives from :class:`TorchfreezeError`. Messages follow one shape:
+what was wrong, what was found instead, and what to do about it. Every public
+function validates before it changes anything, so when one of these is raised
+the model, optimizer and files are exactly as they were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+__all__ = [
+    "CacheError",
+    "DistributedFreezeError",
+    "FreezeStateError",
+    "FrozenStateChanged",
+    "LoadError",
+    "SchedulerError",
+    "SelectionError",
+    "TorchfreezeError",
+]
+
+
+class TorchfreezeError(Exception):
+    """Base class of every error torchfreeze raises."""
+
+
+class SelectionError(TorchfreezeError, LookupError):
+    """A selector matched nothing, or is not a selector at all.
+
+    Attributes:
+        selector: the offending selector (as given).
+        suggestions: the closest real names, best first.
+    """
+
+    def __init__(
+        self, message: str, *, selector: object = None, suggestions: Sequence[str] = ()
+    ) -> None:
+        super().__init__(message)
+        self.selector = selector
+        self.suggestions = list(suggestions)
+
+
+class LoadError(TorchfreezeError):
+    """A checkpoint could not be loaded; the model was left untouched."""
+
+
+class DistributedFreezeError(TorchfreezeError):
+    """A freeze/unfreeze would desynchronise ranks of a distributed wrapper."""
+
+
+class SchedulerError(TorchfreezeError):
+    """An optimizer or LR scheduler cannot be extended with a new param group."""
+
+
+class FreezeStateError(TorchfreezeError):
+    """A saved freeze state does not fit the model it is loaded into."""
+
+
+class CacheError(TorchfreezeError):
+    """A FeatureCache cannot cache this module, or its cached values are stale."""
+
+
+class FrozenStateChanged(TorchfreezeError, AssertionError):
+    """``verify(strict=True)`` found frozen tensors that changed.
+
+    Attributes:
+        names: the tensors that changed.
+    """
+
+    def __init__(self, message: str, *, names: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.names = list(names)

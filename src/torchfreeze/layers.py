@@ -1,0 +1,238 @@
+"""Depth-ordered layer groups, found without per-model code.
+
+A model is split into: everything before its main repeated stack (the stem or
+embeddings), each block of that stack, and everything after it (the head).
+The *main stack* is the run of two or more consecutive same-typed children of
+one module that holds the most parameters: BERT's ``encoder.layer``, ViT's
+blocks, ResNet/ConvNeXt stages (``layer1..layer4`` of torchvision's ResNet, a
+``ModuleList`` of stages in Hugging Face's). Models without one fall back to
+their top-level children that hold parameters.
+
+These groups drive :func:`~torchfreeze.freeze_to`, layer-wise LR decay and
+unfreezing schedules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ._report import Report, fmt_count
+from .select import ModelIndex
+
+__all__ = ["Layer", "layers"]
+
+
+@dataclass(frozen=True)
+class Layer(Report):
+    """One depth level of a model.
+
+    Attributes:
+        index: depth, 0 for the stem/embeddings.
+        name: the module that holds the group (its longest common prefix), or
+            ``"stem"``/``"head"`` when it spans several.
+        kind: ``"stem"``, ``"block"`` or ``"head"``.
+        param_names: canonical names of its parameters, model order.
+        num_params: scalar parameter count.
+    """
+
+    index: int
+    name: str
+    kind: Literal["stem", "block", "head"]
+    param_names: tuple[str, ...] = field(default=())
+    num_params: int = 0
+
+    def _rich(self) -> str:
+        return (
+            f"Layer {self.index} {self.name} ({self.kind}, {len(self.param_names)} tensors, "
+            f"{fmt_count(self.num_params)} params)"
+        )
+
+
+@dataclass
+class _Stack:
+    parent: str
+    children: list[str]
+    coverage: int
+
+
+def _param_ids(m: nn.Module) -> set[int]:
+    return {id(p) for p in m.parameters()}
+
+
+def _find_stack(idx: ModelIndex) -> _Stack | None:
+    best: _Stack | None = None
+    for pname, parent in idx.modules.items():
+        kids = [
+            (n, c) for n, c in parent.named_children() if any(True for _ in c.parameters())
+        ]
+        i = 0
+        while i < len(kids):
+            j = i
+            while j + 1 < len(kids) and type(kids[j + 1][1]) is type(kids[i][1]):
+                j += 1
+            if j > i:
+                run = kids[i : j + 1]
+                ids: set[int] = set()
+                for _, c in run:
+                    ids |= _param_ids(c)
+                cov = sum(p.numel() for p in idx.params.values() if id(p) in ids)
+                prefix = f"{pname}." if pname else ""
+                cand = _Stack(pname, [prefix + n for n, _ in run], cov)
+                if best is None or (cand.coverage, len(cand.children)) > (
+                    best.coverage,
+                    len(best.children),
+                ):
+                    best = cand
+            i = j + 1
+    return best
+
+
+def _common_prefix(names: Iterable[str]) -> str:
+    parts = [n.split(".")[:-1] for n in names]
+    if not parts:
+        return ""
+    out: list[str] = []
+    for level in zip(*parts):
+        if all(x == level[0] for x in level):
+            out.append(level[0])
+        else:
+            break
+    return ".".join(out)
+
+
+def _execution_order(model: nn.Module, example_inputs: Any) -> dict[int, int]:
+    order: dict[int, int] = {}
+    handles = []
+
+    def hook(mod: nn.Module, *_: Any) -> None:
+        order.setdefault(id(mod), len(order))
+
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(hook))
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(example_inputs, dict):
+                model(**example_inputs)
+            elif isinstance(example_inputs, (tuple, list)):
+                model(*example_inputs)
+            else:
+                model(example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes:
+            m.training = training
+    return order
+
+
+def layers(model: nn.Module, example_inputs: Any = None) -> list[Layer]:
+    """Split ``model`` into depth-ordered layer groups: stem, blocks, head.
+
+    Every parameter lands in exactly one group (tied parameters once). With
+    ``example_inputs`` (a tensor, a tuple of positional inputs or a dict of
+    keyword inputs) the model runs once under ``torch.no_grad()`` and the
+    groups follow execution order instead of registration order.
+
+    Example:
+        >>> import torch.nn as nn, torchfreeze as tfz
+        >>> net = nn.Sequential(nn.Embedding(10, 4),
+        ...                     nn.Sequential(*[nn.Linear(4, 4) for _ in range(3)]),
+        ...                     nn.Linear(4, 2))
+        >>> [(g.name, g.kind) for g in tfz.layers(net)]
+        [('0', 'stem'), ('1.0', 'block'), ('1.1', 'block'), ('1.2', 'block'), ('2', 'head')]
+    """
+    idx = ModelIndex(model)
+    stack = _find_stack(idx)
+    params = list(idx.params.items())
+    if stack is None:
+        blocks = [
+            (name, _param_ids(child))
+            for name, child in model.named_children()
+            if any(True for _ in child.parameters())
+        ]
+        own = [(n, p) for n, p in params if any(p is q for q in model.parameters(recurse=False))]
+        return _assemble(idx, [], blocks, own, params, kinds=None)
+    blocks = [(name, _param_ids(idx.modules[name])) for name in stack.children]
+    in_blocks = set().union(*(ids for _, ids in blocks))
+    rest = [(n, p) for n, p in params if id(p) not in in_blocks]
+    if example_inputs is not None:
+        order = _execution_order(model, example_inputs)
+        owner = {}
+        for m in idx.modules.values():
+            for p in m.parameters(recurse=False):
+                owner.setdefault(id(p), order.get(id(m)))
+        first_block = min(
+            (order[id(idx.modules[n])] for n in stack.children if id(idx.modules[n]) in order),
+            default=None,
+        )
+        blocks.sort(key=lambda b: order.get(id(idx.modules[b[0]]), 1 << 30))
+        first_pos = {id(p): i for i, (_, p) in enumerate(params)}
+        first_block_pos = min(first_pos[i] for i in in_blocks if i in first_pos)
+
+        def before(name_param: tuple[str, nn.Parameter]) -> bool:
+            pos = owner.get(id(name_param[1]))
+            if pos is None or first_block is None:
+                return first_pos[id(name_param[1])] < first_block_pos
+            return pos < first_block
+
+        stem = [np for np in rest if before(np)]
+        head = [np for np in rest if not before(np)]
+    else:
+        first_block_pos = min(i for i, (_, p) in enumerate(params) if id(p) in in_blocks)
+        stem = [np for np in rest if params.index(np) < first_block_pos]
+        head = [np for np in rest if params.index(np) > first_block_pos]
+    return _assemble(idx, stem, blocks, head, params, kinds="stack")
+
+
+def _assemble(
+    idx: ModelIndex,
+    stem: list[tuple[str, nn.Parameter]],
+    blocks: list[tuple[str, set[int]]],
+    head: list[tuple[str, nn.Parameter]],
+    params: list[tuple[str, nn.Parameter]],
+    kinds: str | None,
+) -> list[Layer]:
+    out: list[Layer] = []
+    seen: set[int] = set()
+
+    def add(name: str, kind: str, members: list[tuple[str, nn.Parameter]]) -> None:
+        members = [(n, p) for n, p in members if id(p) not in seen]
+        if not members:
+            return
+        seen.update(id(p) for _, p in members)
+        out.append(
+            Layer(
+                index=len(out),
+                name=name,
+                kind=kind,  # type: ignore[arg-type]
+                param_names=tuple(n for n, _ in members),
+                num_params=sum(p.numel() for _, p in members),
+            )
+        )
+
+    def label(members: list[tuple[str, nn.Parameter]], default: str) -> str:
+        prefix = _common_prefix(n for n, _ in members)
+        covered = prefix in idx.modules and {id(p) for _, p in members} == _param_ids(
+            idx.modules[prefix]
+        )
+        return prefix if prefix and covered else default
+
+    add(label(stem, "stem"), "stem", stem)
+    for i, (name, ids) in enumerate(blocks):
+        members = [(n, p) for n, p in params if id(p) in ids]
+        if kinds is None:
+            kind = "stem" if i == 0 and len(blocks) > 1 else (
+                "head" if i == len(blocks) - 1 and len(blocks) > 1 else "block"
+            )
+        else:
+            kind = "block"
+        add(name, kind, members)
+    add(label(head, "head"), "head", head)
+    return out

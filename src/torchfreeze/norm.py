@@ -1,0 +1,307 @@
+"""BatchNorm policies for frozen layers, and FrozenBatchNorm.
+
+PyTorch keeps updating a BatchNorm layer's running statistics in train mode
+even when its affine parameters have ``requires_grad=False``, so "frozen" BN
+layers drift. torchfreeze gives every frozen BN layer one of three policies:
+
+* ``"eval"`` (default): the layer is pinned in eval mode. ``model.train()``
+  (Lightning, HF Trainer and your own loop all call it) leaves it in eval, so
+  its running statistics never move and it normalises with them.
+* ``"train"``: BN layers inside a frozen selection stay trainable and keep
+  updating statistics (fastai's ``train_bn``).
+* ``"stats"``: affine frozen, running statistics keep updating (plain PyTorch
+  behaviour; opt-in).
+
+:func:`convert_frozen_batchnorm` goes one step further and replaces BN layers
+by :class:`FrozenBatchNorm` (buffers only, no parameters), in place, keeping
+the state_dict keys; :func:`revert_frozen_batchnorm` undoes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from .errors import SelectionError, TorchfreezeError
+from .select import Selector, resolve
+
+__all__ = [
+    "BN_POLICIES",
+    "BNPolicy",
+    "FrozenBatchNorm",
+    "bn_policy",
+    "convert_frozen_batchnorm",
+    "is_batchnorm",
+    "revert_frozen_batchnorm",
+    "set_bn_policy",
+]
+
+BNPolicy = Literal["eval", "train", "stats"]
+BN_POLICIES: tuple[str, ...] = ("eval", "train", "stats")
+
+# instance attribute holding the policy; survives deepcopy and pickling
+_POLICY_ATTR = "_torchfreeze_bn"
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """True for layers with running statistics: BatchNorm1d/2d/3d, SyncBatchNorm,
+    lazy variants, InstanceNorm with ``track_running_stats=True``, FrozenBatchNorm."""
+    if isinstance(module, (_BatchNorm, FrozenBatchNorm)):
+        return True
+    return isinstance(module, _InstanceNorm) and module.track_running_stats
+
+
+def bn_policy(module: nn.Module) -> str | None:
+    """The torchfreeze BN policy set on ``module`` (``None`` when there is none)."""
+    return module.__dict__.get(_POLICY_ATTR)
+
+
+class _PinnedEval:
+    """Stands in for ``module.train`` on a BN layer frozen with ``bn="eval"``.
+
+    ``nn.Module.train`` recurses by calling each child's ``train`` attribute,
+    so an instance attribute here is consulted by every ``model.train()``.
+    A class (not a bound method) so that deepcopy and pickling keep it.
+    """
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, mode: bool = True) -> nn.Module:
+        return type(self.module).train(self.module, False)
+
+    def __getstate__(self) -> nn.Module:
+        return self.module
+
+    def __setstate__(self, module: nn.Module) -> None:
+        self.module = module
+
+
+def set_bn_policy(module: nn.Module, policy: str | None, *, training: bool) -> None:
+    """Set (or with ``None`` clear) the BN policy of one layer.
+
+    ``training`` is the mode the layer takes when it is not pinned, normally
+    the mode of the model it sits in.
+    """
+    if policy is not None and policy not in BN_POLICIES:
+        raise TorchfreezeError(
+            f"bn={policy!r} is not a BatchNorm policy; use one of {', '.join(BN_POLICIES)}."
+        )
+    d = module.__dict__
+    d.pop("train", None)
+    if policy is None:
+        d.pop(_POLICY_ATTR, None)
+    else:
+        d[_POLICY_ATTR] = policy
+    if policy == "eval":
+        d["train"] = _PinnedEval(module)
+        type(module).train(module, False)
+    else:
+        type(module).train(module, training)
+
+
+class FrozenBatchNorm(nn.Module):
+    """BatchNorm with fixed statistics and affine transform (any dimensionality).
+
+    Everything is a buffer, so nothing gets a gradient or optimizer state, and
+    the forward is one multiply-add. The state_dict keys are those of the BN
+    layer it replaces (``weight``, ``bias``, ``running_mean``, ``running_var``,
+    ``num_batches_tracked``), so checkpoints load either way.
+
+    Example:
+        >>> import torch, torch.nn as nn, torchfreeze as tfz
+        >>> bn = nn.BatchNorm2d(3).eval()
+        >>> fbn = tfz.FrozenBatchNorm.from_batchnorm(bn)
+        >>> x = torch.randn(2, 3, 4, 4)
+        >>> torch.allclose(bn(x), fbn(x), atol=1e-6)
+        True
+    """
+
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        *,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        source_type: type[nn.Module] = nn.BatchNorm2d,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.source_type = source_type
+        if affine:
+            self.register_buffer("weight", torch.ones(num_features, **kw))
+            self.register_buffer("bias", torch.zeros(num_features, **kw))
+        else:
+            self.weight = None
+            self.bias = None
+        self.register_buffer("running_mean", torch.zeros(num_features, **kw))
+        self.register_buffer("running_var", torch.ones(num_features, **kw))
+        self.register_buffer(
+            "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+        )
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.Module) -> FrozenBatchNorm:
+        """A FrozenBatchNorm with ``bn``'s statistics, affine values, eps and momentum."""
+        if not is_batchnorm(bn) or isinstance(bn, FrozenBatchNorm) or bn.running_mean is None:
+            raise TorchfreezeError(
+                f"cannot freeze {type(bn).__name__}: only BatchNorm/SyncBatchNorm/InstanceNorm "
+                "layers that track running statistics have statistics to freeze."
+            )
+        ref = bn.running_mean
+        out = cls(
+            bn.num_features,
+            bn.eps,
+            momentum=bn.momentum,
+            affine=bn.affine,
+            source_type=type(bn),
+            device=ref.device,
+            dtype=ref.dtype,
+        )
+        with torch.no_grad():
+            if bn.affine:
+                out.weight.copy_(bn.weight.detach())
+                out.bias.copy_(bn.bias.detach())
+            out.running_mean.copy_(bn.running_mean)
+            out.running_var.copy_(bn.running_var)
+            if getattr(bn, "num_batches_tracked", None) is not None:
+                out.num_batches_tracked.copy_(bn.num_batches_tracked)
+        out.train(bn.training)
+        return out
+
+    def to_batchnorm(self) -> nn.Module:
+        """The BN layer this replaced, same values; its parameters are frozen."""
+        bn = self.source_type(
+            self.num_features,
+            eps=self.eps,
+            momentum=self.momentum,
+            affine=self.affine,
+            track_running_stats=True,
+            device=self.running_mean.device,
+            dtype=self.running_mean.dtype,
+        )
+        with torch.no_grad():
+            if self.affine:
+                bn.weight.copy_(self.weight)
+                bn.bias.copy_(self.bias)
+            bn.running_mean.copy_(self.running_mean)
+            bn.running_var.copy_(self.running_var)
+            bn.num_batches_tracked.copy_(self.num_batches_tracked)
+        for p in bn.parameters():
+            p.requires_grad_(False)
+        return bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = (self.running_var + self.eps).rsqrt()
+        shift = -self.running_mean * scale
+        if self.weight is not None:
+            scale = scale * self.weight
+            shift = shift * self.weight + self.bias
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ) -> None:
+        # checkpoints of BN layers from before PyTorch 0.4.1 have no num_batches_tracked
+        key = prefix + "num_batches_tracked"
+        if key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, affine={self.affine}, "
+            f"source={self.source_type.__name__}"
+        )
+
+
+def _bn_modules(model: nn.Module, selectors: tuple[Selector, ...], want: type | None):
+    sel = resolve(model, selectors)
+    picked = [
+        (name, m)
+        for name, m in zip(sel.module_names, sel.modules)
+        if (isinstance(m, want) if want else is_batchnorm(m) and not isinstance(m, FrozenBatchNorm))
+    ]
+    if want is None:
+        picked = [(n, m) for n, m in picked if m.running_mean is not None]
+    if not picked:
+        kind = "FrozenBatchNorm" if want else "BatchNorm (with running statistics)"
+        raise SelectionError(
+            f"the selection {list(selectors) or '(whole model)'} contains no {kind} layer, "
+            f"so there is nothing to convert. Select the part of the model that holds them, "
+            f"or check with tfz.select(model, nn.BatchNorm2d).",
+            selector=selectors,
+        )
+    if any(name == "" for name, _ in picked):
+        raise TorchfreezeError(
+            "the model itself is a BatchNorm layer; conversion happens in place inside a "
+            "parent module. Use FrozenBatchNorm.from_batchnorm(bn) for a lone layer."
+        )
+    return picked
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    # every parent that holds this module under any alias gets the new one
+    setattr(parent, child, new)
+
+
+def convert_frozen_batchnorm(model: nn.Module, *selectors: Selector) -> list[str]:
+    """Replace BN layers in the selection (default: all) by :class:`FrozenBatchNorm`.
+
+    In place inside their parent modules; eps, momentum, statistics, affine values,
+    dtype and device are kept, and so are the state_dict keys.
+
+    Returns:
+        The names of the converted layers.
+
+    Example:
+        >>> import torch.nn as nn, torchfreeze as tfz
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU())
+        >>> tfz.convert_frozen_batchnorm(net)
+        ['1']
+        >>> type(net[1]).__name__
+        'FrozenBatchNorm'
+    """
+    picked = _bn_modules(model, selectors, None)
+    new = [(name, FrozenBatchNorm.from_batchnorm(m)) for name, m in picked]
+    for name, fbn in new:
+        _replace(model, name, fbn)
+    return [name for name, _ in new]
+
+
+def revert_frozen_batchnorm(model: nn.Module, *selectors: Selector) -> list[str]:
+    """Turn :class:`FrozenBatchNorm` layers back into the BN class they replaced.
+
+    The restored layers are still frozen (parameters ``requires_grad=False``,
+    pinned in eval); call :func:`torchfreeze.unfreeze` to train them.
+
+    Returns:
+        The names of the reverted layers.
+    """
+    picked = _bn_modules(model, selectors, FrozenBatchNorm)
+    new = [(name, m.to_batchnorm()) for name, m in picked]
+    for name, bn in new:
+        set_bn_policy(bn, "eval", training=False)
+        _replace(model, name, bn)
+    return [name for name, _ in new]

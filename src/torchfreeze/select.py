@@ -1,0 +1,487 @@
+"""One selector grammar for every torchfreeze function.
+
+A *selector* picks parameters (and the modules and buffers around them):
+
+* ``str``: a module, parameter or buffer name. A module name selects
+  everything under it. Globs (``*``, ``?``, ``[..]``; ``*`` also crosses dots),
+  brace ranges and lists (``encoder.layer.{0..3}``, ``*.{q,k,v}_proj``), and
+  ``"re:<regex>"`` (matched against the *whole* dotted name, like a glob).
+* an ``nn.Module`` subclass, e.g. ``nn.BatchNorm2d``: every module of that type.
+* an ``nn.Module`` or ``torch.Tensor`` object that belongs to the model.
+* a callable ``(name, param) -> bool`` over the model's parameters.
+* a list/tuple/set of any of the above (nested freely): their union.
+
+Every selector (and every alternative of a brace expansion) must match
+something; otherwise :class:`~torchfreeze.errors.SelectionError` names the
+closest real names. Shared/tied parameters are handled once, by identity, under
+the first name PyTorch gives them.
+
+Example:
+    >>> import torch.nn as nn, torchfreeze as tfz
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Linear(2, 1))
+    >>> sel = tfz.select(net, "0", nn.BatchNorm1d)
+    >>> sel.param_names
+    ('0.weight', '0.bias', '1.weight', '1.bias')
+    >>> len(sel), sel.num_params
+    (4, 10)
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+import torch
+from torch import nn
+
+from ._report import fmt_count
+from .errors import SelectionError
+
+__all__ = ["ModelIndex", "Selection", "Selector", "expand_braces", "resolve", "select"]
+
+#: Anything :func:`select` accepts (a union, list or nesting of these).
+Selector = Union[
+    str,
+    "type[nn.Module]",
+    nn.Module,
+    torch.Tensor,
+    Callable[[str, torch.Tensor], bool],
+    Iterable[Any],
+]
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a set of selectors picked in one model.
+
+    Attributes:
+        param_names: canonical names of the selected parameters, model order.
+        module_names: modules wholly inside the selection (matched directly,
+            under a matched module, or all of whose parameters are selected).
+        buffer_names: buffers of those modules, plus buffers matched by name.
+        params: the parameter objects, in ``param_names`` order.
+        modules: the module objects, in ``module_names`` order.
+        buffers: the buffer tensors, in ``buffer_names`` order.
+    """
+
+    param_names: tuple[str, ...]
+    module_names: tuple[str, ...]
+    buffer_names: tuple[str, ...] = ()
+    params: tuple[nn.Parameter, ...] = field(default=(), repr=False, compare=False)
+    modules: tuple[nn.Module, ...] = field(default=(), repr=False, compare=False)
+    buffers: tuple[torch.Tensor, ...] = field(default=(), repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.param_names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.param_names or name in self.module_names or name in self.buffer_names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.param_names)
+
+    @property
+    def num_params(self) -> int:
+        """Number of scalar values in the selected parameters."""
+        return sum(p.numel() for p in self.params)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "param_names": list(self.param_names),
+            "module_names": list(self.module_names),
+            "buffer_names": list(self.buffer_names),
+            "num_params": self.num_params,
+        }
+
+    def __str__(self) -> str:
+        shown = ", ".join(self.param_names[:6])
+        more = f", … (+{len(self.param_names) - 6})" if len(self.param_names) > 6 else ""
+        return (
+            f"Selection: {len(self.param_names)} parameters ({fmt_count(self.num_params)} values)"
+            f" in {len(self.module_names)} modules: {shown}{more}"
+        )
+
+
+
+class ModelIndex:
+    """Names, aliases and identities of a model's modules, parameters and buffers.
+
+    Built once per call; every alias name (a tied weight reachable under two
+    names) maps to the same object, and ``*_name`` maps identity back to the
+    canonical (first) name.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.modules: dict[str, nn.Module] = {}  # canonical name -> module
+        self.params: dict[str, nn.Parameter] = {}  # canonical name -> param
+        self.buffers: dict[str, torch.Tensor] = {}  # canonical name -> buffer
+        self.module_aliases: list[tuple[str, nn.Module]] = []
+        self.param_aliases: list[tuple[str, nn.Parameter]] = []
+        self.buffer_aliases: list[tuple[str, torch.Tensor]] = []
+        self.module_name: dict[int, str] = {}
+        self.param_name: dict[int, str] = {}
+        self.buffer_name: dict[int, str] = {}
+        for mname, module in model.named_modules(remove_duplicate=False):
+            self.module_aliases.append((mname, module))
+            if id(module) not in self.module_name:
+                self.module_name[id(module)] = mname
+                self.modules[mname] = module
+            prefix = f"{mname}." if mname else ""
+            for pname, p in module._parameters.items():
+                if p is None:
+                    continue
+                full = prefix + pname
+                self.param_aliases.append((full, p))
+                if id(p) not in self.param_name:
+                    self.param_name[id(p)] = full
+                    self.params[full] = p
+            for bname, b in module._buffers.items():
+                if b is None:
+                    continue
+                full = prefix + bname
+                self.buffer_aliases.append((full, b))
+                if id(b) not in self.buffer_name:
+                    self.buffer_name[id(b)] = full
+                    self.buffers[full] = b
+        self._param_order = {id(p): i for i, p in enumerate(self.params.values())}
+
+    def all_names(self) -> list[str]:
+        names = [n for n, _ in self.module_aliases if n]
+        names += [n for n, _ in self.param_aliases]
+        names += [n for n, _ in self.buffer_aliases]
+        return list(dict.fromkeys(names))
+
+    def describe(self) -> str:
+        return (
+            f"{type(self.model).__name__} ({len(self.modules)} modules, "
+            f"{len(self.params)} parameters)"
+        )
+
+
+# ---------------------------------------------------------------------------
+# brace expansion
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand ``{a,b}`` lists and ``{0..3}`` integer ranges (nesting allowed).
+
+    >>> expand_braces("encoder.layer.{0..2}.{q,v}")
+    ['encoder.layer.0.q', 'encoder.layer.0.v', 'encoder.layer.1.q', 'encoder.layer.1.v', \
+'encoder.layer.2.q', 'encoder.layer.2.v']
+    """
+    start = pattern.find("{")
+    if start < 0:
+        return [pattern]
+    depth = 0
+    for end in range(start, len(pattern)):
+        if pattern[end] == "{":
+            depth += 1
+        elif pattern[end] == "}":
+            depth -= 1
+            if depth == 0:
+                break
+    else:
+        raise SelectionError(
+            f"selector {pattern!r} has an unclosed '{{'; close it, e.g. 'layer.{{0..3}}'.",
+            selector=pattern,
+        )
+    head, body, tail = pattern[:start], pattern[start + 1 : end], pattern[end + 1 :]
+    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if rng:
+        a, b = int(rng.group(1)), int(rng.group(2))
+        step = 1 if b >= a else -1
+        alternatives = [str(i) for i in range(a, b + step, step)]
+    else:
+        alternatives = _split_top_level(body)
+        if len(alternatives) < 2:
+            raise SelectionError(
+                f"selector {pattern!r}: '{{{body}}}' is neither a list '{{a,b}}' nor a range "
+                f"'{{0..3}}'. Write one of those, or use 're:' for a regular expression.",
+                selector=pattern,
+            )
+    out: list[str] = []
+    for alt in alternatives:
+        for rest in expand_braces(head + alt + tail):
+            out.append(rest)
+    return out
+
+
+def _split_top_level(body: str) -> list[str]:
+    parts, depth, cur = [], 0, []
+    for ch in body:
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
+# ---------------------------------------------------------------------------
+# matching
+
+
+@dataclass
+class _Hits:
+    modules: set[int] = field(default_factory=set)  # ids of modules matched directly
+    params: set[int] = field(default_factory=set)  # ids of params matched directly
+    buffers: set[int] = field(default_factory=set)  # ids of buffers matched directly
+
+    def empty(self) -> bool:
+        return not (self.modules or self.params or self.buffers)
+
+    def update(self, other: _Hits) -> None:
+        self.modules |= other.modules
+        self.params |= other.params
+        self.buffers |= other.buffers
+
+
+def _flatten(selectors: Iterable[Any]) -> Iterator[Any]:
+    for sel in selectors:
+        if isinstance(sel, (str, type, nn.Module, torch.Tensor)) or callable(sel):
+            yield sel
+        elif isinstance(sel, Iterable) and not isinstance(sel, (dict, bytes)):
+            yield from _flatten(sel)
+        else:
+            raise SelectionError(
+                f"{sel!r} ({type(sel).__name__}) is not a selector. Use a name or glob "
+                "string, 're:<regex>', an nn.Module subclass, a module or tensor of the model, "
+                "a callable (name, param) -> bool, or a list of these.",
+                selector=sel,
+            )
+
+
+def _match_names(idx: ModelIndex, test: Callable[[str], bool]) -> _Hits:
+    hits = _Hits()
+    for name, module in idx.module_aliases:
+        if name and test(name):
+            hits.modules.add(id(module))
+    for name, p in idx.param_aliases:
+        if test(name):
+            hits.params.add(id(p))
+    for name, b in idx.buffer_aliases:
+        if test(name):
+            hits.buffers.add(id(b))
+    return hits
+
+
+def _match_string(idx: ModelIndex, pattern: str) -> _Hits:
+    if pattern.startswith("re:"):
+        try:
+            rx = re.compile(pattern[3:])
+        except re.error as exc:
+            raise SelectionError(
+                f"selector {pattern!r} is not a valid regular expression ({exc}). "
+                "Fix the expression, or drop 're:' to use a glob.",
+                selector=pattern,
+            ) from None
+        hits = _match_names(idx, lambda n: rx.fullmatch(n) is not None)
+        if hits.empty():
+            raise _no_match(idx, pattern, pattern[3:])
+        return hits
+    total = _Hits()
+    for alt in expand_braces(pattern):
+        if _GLOB_CHARS.search(alt):
+            hits = _match_names(idx, lambda n, a=alt: fnmatch.fnmatchcase(n, a))
+        else:
+            hits = _match_names(idx, lambda n, a=alt: n == a)
+        if hits.empty():
+            raise _no_match(idx, pattern if alt == pattern else f"{alt}' (from '{pattern}", alt)
+        total.update(hits)
+    return total
+
+
+def _no_match(idx: ModelIndex, shown: str, needle: str) -> SelectionError:
+    names = idx.all_names()
+    core = _GLOB_CHARS.sub("", needle).strip(".")
+    suffix = [n for n in names if core and n.endswith("." + core)]
+    close = difflib.get_close_matches(core, names, n=5, cutoff=0.5)
+    if not close and core:
+        # compare against the same number of dotted parts (a deep name vs a short pattern)
+        depth = core.count(".") + 1
+        heads = list(dict.fromkeys(".".join(n.split(".")[:depth]) for n in names))
+        close = difflib.get_close_matches(core, heads, n=5, cutoff=0.5)
+    suggestions = list(dict.fromkeys(suffix[:3] + close))[:5]
+    if suggestions:
+        hint = "Closest real names: " + ", ".join(repr(s) for s in suggestions) + "."
+    else:
+        top = [n for n, _ in idx.model.named_children()][:8]
+        hint = "Top-level modules: " + (", ".join(repr(t) for t in top) or "(none)") + "."
+    return SelectionError(
+        f"selector '{shown}' matched nothing in {idx.describe()}. {hint} "
+        "Fix the name, or check a selector first with tfz.select(model, ...).",
+        selector=shown,
+        suggestions=suggestions,
+    )
+
+
+def _match_one(idx: ModelIndex, sel: Any) -> _Hits:
+    hits = _Hits()
+    if isinstance(sel, str):
+        return _match_string(idx, sel)
+    if isinstance(sel, type):
+        if not issubclass(sel, nn.Module):
+            raise SelectionError(
+                f"type {sel.__name__} is not an nn.Module subclass; a type selector picks "
+                "modules by class, e.g. nn.BatchNorm2d.",
+                selector=sel,
+            )
+        hits.modules = {id(m) for m in idx.modules.values() if isinstance(m, sel)}
+        if not hits.modules:
+            present = sorted({type(m).__name__ for m in idx.modules.values()})
+            raise SelectionError(
+                f"selector {sel.__name__} matched no module in {idx.describe()}. Module types "
+                f"present: {', '.join(present[:12])}{', …' if len(present) > 12 else ''}. "
+                "Use one of those types or a name.",
+                selector=sel,
+                suggestions=difflib.get_close_matches(sel.__name__, present, n=3),
+            )
+        return hits
+    if isinstance(sel, nn.Module):
+        if id(sel) not in idx.module_name:
+            raise SelectionError(
+                f"the {type(sel).__name__} object given as a selector is not part of "
+                f"{idx.describe()}. Pass a submodule of this model (e.g. model.head), "
+                "or its name.",
+                selector=sel,
+            )
+        hits.modules.add(id(sel))
+        return hits
+    if isinstance(sel, torch.Tensor):
+        if id(sel) in idx.param_name:
+            hits.params.add(id(sel))
+        elif id(sel) in idx.buffer_name:
+            hits.buffers.add(id(sel))
+        else:
+            raise SelectionError(
+                f"the tensor of shape {tuple(sel.shape)} given as a selector is neither a "
+                f"parameter nor a buffer of {idx.describe()}. Pass the model's own tensor "
+                "(e.g. model.fc.weight) or its name.",
+                selector=sel,
+            )
+        return hits
+    # a callable (name, param) -> bool
+    hits.params = {id(p) for name, p in idx.params.items() if sel(name, p)}
+    if not hits.params:
+        fname = getattr(sel, "__name__", type(sel).__name__)
+        raise SelectionError(
+            f"callable selector {fname} returned False for all {len(idx.params)} parameters "
+            f"of {idx.describe()}. Check its condition, e.g. on tfz.select(model).param_names.",
+            selector=sel,
+        )
+    return hits
+
+
+def _collect(idx: ModelIndex, selectors: Iterable[Any]) -> _Hits:
+    total = _Hits()
+    for sel in _flatten(selectors):
+        total.update(_match_one(idx, sel))
+    return total
+
+
+def _closure(idx: ModelIndex, hits: _Hits) -> tuple[set[int], set[int], set[int]]:
+    """Expand matched modules to everything under them."""
+    modules, params, buffers = set(), set(hits.params), set(hits.buffers)
+    for mod in idx.modules.values():
+        if id(mod) in hits.modules and id(mod) not in modules:
+            for sub in mod.modules():
+                modules.add(id(sub))
+            params.update(id(p) for p in mod.parameters())
+            buffers.update(id(b) for b in mod.buffers())
+    return modules, params, buffers
+
+
+def resolve(
+    model: nn.Module,
+    selectors: Iterable[Any] = (),
+    *,
+    exclude: Any = None,
+    default_all: bool = True,
+    index: ModelIndex | None = None,
+) -> Selection:
+    """:func:`select` for library code: ``selectors`` as one iterable.
+
+    With no selectors and ``default_all=True`` the whole model is selected.
+    """
+    idx = index if index is not None else ModelIndex(model)
+    selectors = list(_flatten(selectors))
+    if not selectors:
+        if not default_all:
+            raise SelectionError(
+                "no selector given. Name what to select, e.g. 'backbone' or nn.BatchNorm2d.",
+            )
+        hits = _Hits(modules={id(model)})
+    else:
+        hits = _collect(idx, selectors)
+    modules, params, buffers = _closure(idx, hits)
+    if exclude is not None:
+        ex_modules, ex_params, ex_buffers = _closure(idx, _collect(idx, [exclude]))
+        modules -= ex_modules
+        params -= ex_params
+        buffers -= ex_buffers
+    # a module is wholly selected when all of its parameters are
+    for mod in idx.modules.values():
+        own = [id(p) for p in mod.parameters()]
+        if own and all(i in params for i in own):
+            if exclude is None or id(mod) not in ex_modules:
+                modules.add(id(mod))
+        elif own:
+            modules.discard(id(mod))
+    for mod in idx.modules.values():
+        if id(mod) in modules:
+            buffers.update(id(b) for b in mod.buffers(recurse=False))
+    if not (params or modules or buffers):
+        raise SelectionError(
+            f"the selection is empty: exclude={exclude!r} removed everything that "
+            f"{selectors!r} matched. Narrow the exclude.",
+            selector=selectors,
+        )
+    sel_params = [(n, p) for n, p in idx.params.items() if id(p) in params]
+    sel_modules = [(n, m) for n, m in idx.modules.items() if id(m) in modules]
+    sel_buffers = [(n, b) for n, b in idx.buffers.items() if id(b) in buffers]
+    return Selection(
+        param_names=tuple(n for n, _ in sel_params),
+        module_names=tuple(n for n, _ in sel_modules),
+        buffer_names=tuple(n for n, _ in sel_buffers),
+        params=tuple(p for _, p in sel_params),
+        modules=tuple(m for _, m in sel_modules),
+        buffers=tuple(b for _, b in sel_buffers),
+    )
+
+
+def select(model: nn.Module, *selectors: Selector, exclude: Selector | None = None) -> Selection:
+    """Resolve selectors against ``model`` without changing it.
+
+    Args:
+        model: the model to search.
+        *selectors: names, globs, brace patterns, ``"re:"`` regexes, module types,
+            module/tensor objects, callables ``(name, param) -> bool``, or lists of
+            these. Their union is selected; none selects the whole model.
+        exclude: selectors to subtract (same grammar).
+
+    Returns:
+        A :class:`Selection`.
+
+    Raises:
+        SelectionError: a selector (or exclude, or one alternative of a brace
+            pattern) matched nothing; the message names the closest real names.
+
+    Example:
+        >>> import torch.nn as nn, torchfreeze as tfz
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> tfz.select(net, "*.weight", exclude="2").param_names
+        ('0.weight',)
+    """
+    return resolve(model, selectors, exclude=exclude)
