@@ -1,0 +1,343 @@
+"""Optimizer param groups: discriminative LRs, layer-wise LR decay, no weight decay.
+
+:func:`param_groups` returns plain param-group dicts that any ``torch.optim``
+optimizer accepts. Every trainable parameter lands in exactly one group (tied
+weights once, by identity), frozen parameters in none, and groups with
+identical settings are merged so that foreach/fused optimizers stay fast
+(their kernels run once per group).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from .errors import TorchfreezeError
+from .select import ModelIndex, resolve
+
+__all__ = ["UnusedRuleWarning", "is_norm_layer", "param_groups"]
+
+
+class UnusedRuleWarning(UserWarning):
+    """A rule (or ``no_decay`` entry) that changes nothing: it matched only frozen
+    parameters, or only parameters an earlier rule already claimed."""
+
+
+_OWN_KEYS = ("params", "param_names", "name")
+_NORM_NAME = re.compile(r"(Layer|RMS|Group|Batch|Instance)Norm|Norm$")
+_NORM_TYPES: tuple[type, ...] = tuple(
+    t
+    for t in (_NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None),
+              nn.LocalResponseNorm)
+    if t is not None
+)
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """True for normalisation layers: torch's BatchNorm*/SyncBatchNorm/InstanceNorm*,
+    LayerNorm, GroupNorm, RMSNorm, and by class name the many re-implementations
+    (Hugging Face's ``T5LayerNorm``, ``LlamaRMSNorm``, ``ConvNextLayerNorm``, ...)."""
+    return isinstance(module, _NORM_TYPES) or bool(_NORM_NAME.search(type(module).__name__))
+
+
+def _label(selector: Any) -> str:
+    if isinstance(selector, str):
+        return selector
+    if isinstance(selector, type):
+        return selector.__name__
+    if isinstance(selector, (list, tuple, set, frozenset)):
+        return "[" + ",".join(_label(s) for s in selector) + "]"
+    return getattr(selector, "__name__", type(selector).__name__)
+
+
+def _number(where: str, key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(
+        value
+    ) or value < 0:
+        raise TorchfreezeError(
+            f"{where}: {key}={value!r} must be a finite number >= 0 (nothing was built)."
+        )
+    return float(value)
+
+
+def _check_rule(where: str, options: Any) -> dict[str, Any]:
+    if not isinstance(options, Mapping):
+        raise TorchfreezeError(
+            f"{where}: options must be a dict such as {{'lr_mult': 10}}, got "
+            f"{type(options).__name__} {options!r}."
+        )
+    opts = dict(options)
+    for a, b in (("lr", "lr_mult"), ("weight_decay", "decay_mult")):
+        if a in opts and b in opts:
+            raise TorchfreezeError(
+                f"{where}: both {a!r} and {b!r} given; {a} is absolute, {b} multiplies the "
+                "default. Keep one."
+            )
+    if "requires_grad" in opts:
+        raise TorchfreezeError(
+            f"{where}: 'requires_grad' in a param group is silently ignored by torch (the "
+            "parameters would still update). Freeze them with tfz.freeze(model, ...) before "
+            "building the groups instead."
+        )
+    bad = [k for k in opts if k in _OWN_KEYS]
+    if bad:
+        raise TorchfreezeError(
+            f"{where}: {bad} are set by param_groups itself and cannot be given in a rule."
+        )
+    for key in ("lr", "lr_mult", "weight_decay", "decay_mult"):
+        if key in opts:
+            opts[key] = _number(where, key, opts[key])
+    return opts
+
+
+def _rules_list(rules: Any) -> list[tuple[Any, Any]]:
+    if rules is None:
+        return []
+    if isinstance(rules, Mapping):
+        return list(rules.items())
+    if isinstance(rules, Sequence) and not isinstance(rules, str) and all(
+        isinstance(r, (tuple, list)) and len(r) == 2 for r in rules
+    ):
+        return [tuple(r) for r in rules]  # type: ignore[misc]
+    raise TorchfreezeError(
+        f"rules must be an ordered mapping selector -> options (or a list of (selector, "
+        f"options) pairs), got {type(rules).__name__}."
+    )
+
+
+def _no_decay_ids(idx: ModelIndex, no_decay: Iterable[Any], warn: bool) -> set[int]:
+    tokens: list[str] = []
+    types: list[type] = []
+    for entry in no_decay:
+        if isinstance(entry, str):
+            tokens.append(entry.lower())
+        elif isinstance(entry, type) and issubclass(entry, nn.Module):
+            types.append(entry)
+        else:
+            raise TorchfreezeError(
+                f"no_decay entry {entry!r} is neither a name (e.g. 'bias', 'norm') nor an "
+                "nn.Module subclass."
+            )
+    out: set[int] = set()
+    used: set[str | type] = set()
+    for mname, module in idx.modules.items():
+        own = [(k, p) for k, p in module._parameters.items() if p is not None]
+        if not own:
+            continue
+        path = mname.lower().split(".") if mname else []
+        norm_typed = is_norm_layer(module)
+        for key, p in own:
+            hit = False
+            for t in tokens:
+                # a token names the parameter itself ('bias') or a module on its path
+                # ('norm' in 'LayerNorm', 'norm1'); 'norm' also means every norm layer
+                if t == key.lower() or any(t in c for c in path) or (t == "norm" and norm_typed):
+                    used.add(t)
+                    hit = True
+            for t in types:
+                if isinstance(module, t):
+                    used.add(t)
+                    hit = True
+            if hit:
+                out.add(id(p))
+    if warn:
+        for entry in [*tokens, *types]:
+            if entry not in used:
+                warnings.warn(
+                    f"no_decay entry {_label(entry)!r} matched no parameter of "
+                    f"{idx.describe()}; check its spelling.",
+                    UnusedRuleWarning,
+                    stacklevel=3,
+                )
+    return out
+
+
+def param_groups(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    rules: Mapping[Any, Mapping[str, Any]] | Sequence[tuple[Any, Mapping[str, Any]]] | None = None,
+    no_decay: Iterable[str | type[nn.Module]] = ("bias", "norm"),
+    layer_decay: float | None = None,
+    example_inputs: Any = None,
+    merge: bool = True,
+) -> list[dict[str, Any]]:
+    """Param groups for any ``torch.optim`` optimizer, over the trainable parameters.
+
+    Each parameter's settings are worked out, then parameters with identical
+    settings share one group:
+
+    * ``lr``: the rule's ``"lr"`` when it gives one (absolute, layer decay not
+      applied); otherwise ``lr x layer_scale x lr_mult``.
+    * ``weight_decay``: the rule's ``"weight_decay"`` when it gives one
+      (absolute, wins over ``no_decay``); otherwise 0 for ``no_decay``
+      parameters and ``weight_decay x decay_mult`` for the rest.
+    * any other key of the rule (``betas``, ``momentum``, ``eps``, ...) is put
+      into the group as is; keys no rule sets come from the optimizer defaults.
+
+    Rules are tried in order and the first whose selector matches a parameter
+    wins. A rule that matches nothing raises :class:`SelectionError`; a rule
+    that matches only frozen parameters, or only parameters an earlier rule
+    claimed, emits :class:`UnusedRuleWarning` (it would change nothing).
+
+    Args:
+        model: the model; its ``requires_grad`` flags decide what is trainable.
+        lr: the base learning rate (the head's, with ``layer_decay``).
+        weight_decay: the default weight decay.
+        rules: ordered ``{selector: options}`` (or a list of pairs, for
+            unhashable selectors). Selectors use the grammar of
+            :func:`torchfreeze.select`; options are ``"lr"``, ``"lr_mult"``,
+            ``"weight_decay"``, ``"decay_mult"`` and any optimizer
+            hyper-parameter.
+        no_decay: names and module types whose parameters get no weight decay.
+            A name matches a parameter's own name (``"bias"``) or is contained in
+            a module name on its path (``"norm"`` in ``LayerNorm``, ``norm1``);
+            ``"norm"`` also selects every normalisation layer by type (see
+            :func:`is_norm_layer`). ``()`` disables it.
+        layer_decay: layer-wise LR decay (timm/BEiT): with the groups of
+            :func:`torchfreeze.layers` (stem, blocks, head), the head gets ``lr``
+            and the group ``k`` levels below it ``lr x layer_decay**k``.
+        example_inputs: passed to :func:`torchfreeze.layers` for execution order.
+        merge: merge groups with identical settings (``False``: one group per
+            parameter, only useful for comparisons).
+
+    Returns:
+        A list of dicts with ``"params"``, ``"name"``, ``"param_names"``, ``"lr"``,
+        ``"weight_decay"`` and the rules' extra keys, in model order of their
+        first parameter.
+
+    Raises:
+        SelectionError: a rule's selector matched nothing.
+        TorchfreezeError: invalid options, ``layer_decay`` outside (0, 1], or no
+            trainable parameter at all.
+
+    Example:
+        >>> import torch, torch.nn as nn, torchfreeze as tfz
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+        >>> groups = tfz.param_groups(net, lr=1e-3, weight_decay=0.05,
+        ...                           rules={"2": {"lr_mult": 10}})
+        >>> for g in groups:
+        ...     print(g["name"], g["lr"], g["weight_decay"], g["param_names"])
+        default 0.001 0.05 ['0.weight']
+        no_decay 0.001 0.0 ['0.bias', '1.weight', '1.bias']
+        2 0.01 0.05 ['2.weight']
+        2/no_decay 0.01 0.0 ['2.bias']
+        >>> opt = torch.optim.AdamW(groups)
+    """
+    lr = _number("param_groups", "lr", lr)
+    weight_decay = _number("param_groups", "weight_decay", weight_decay)
+    if layer_decay is not None and (
+        isinstance(layer_decay, bool)
+        or not isinstance(layer_decay, numbers.Real)
+        or not 0 < layer_decay <= 1
+    ):
+        raise TorchfreezeError(
+            f"layer_decay={layer_decay!r} must be in (0, 1]: the head gets lr and each "
+            "layer below it lr x layer_decay**depth. Typical values: 0.65-0.9."
+        )
+    rule_list = [
+        (sel, _check_rule(f"rule {_label(sel)!r}", opts)) for sel, opts in _rules_list(rules)
+    ]
+    idx = ModelIndex(model)
+    trainable = [(n, p) for n, p in idx.params.items() if p.requires_grad]
+    if not trainable:
+        raise TorchfreezeError(
+            f"{idx.describe()} has no trainable parameter, so there is nothing to optimize. "
+            "Unfreeze something first (tfz.unfreeze(model, 'head'))."
+        )
+    trainable_ids = {id(p) for _, p in trainable}
+
+    # resolve every rule before deciding anything, so a bad selector fails first
+    owner: dict[int, int] = {}  # param id -> rule index
+    for i, (sel, _) in enumerate(rule_list):
+        picked = resolve(model, [sel], index=idx)
+        live = [p for p in picked.params if id(p) in trainable_ids]
+        fresh = [p for p in live if id(p) not in owner]
+        if not live:
+            warnings.warn(
+                f"rule {_label(sel)!r} matches only frozen parameters "
+                f"({len(picked.params)}: {', '.join(picked.param_names[:3])}"
+                f"{', ...' if len(picked.params) > 3 else ''}), so it changes nothing. Unfreeze "
+                "them first or drop the rule.",
+                UnusedRuleWarning,
+                stacklevel=2,
+            )
+        elif not fresh:
+            warnings.warn(
+                f"rule {_label(sel)!r} changes nothing: every trainable parameter it matches "
+                "was already claimed by an earlier rule (the first matching rule wins). "
+                "Reorder or drop it.",
+                UnusedRuleWarning,
+                stacklevel=2,
+            )
+        for p in fresh:
+            owner[id(p)] = i
+
+    no_decay = tuple(no_decay)
+    nd_ids = _no_decay_ids(idx, no_decay, warn=no_decay != ("bias", "norm"))
+
+    depth_of: dict[int, tuple[int, str]] = {}
+    n_layers = 0
+    if layer_decay is not None:
+        from .layers import layers as find_layers
+
+        found = find_layers(model, example_inputs=example_inputs)
+        n_layers = len(found)
+        for layer in found:
+            for pname in layer.param_names:
+                depth_of[id(idx.params[pname])] = (layer.index, layer.name)
+
+    merged: dict[Any, dict[str, Any]] = {}
+    out: list[dict[str, Any]] = []
+    for pname, p in trainable:
+        rule_i = owner.get(id(p))
+        opts = rule_list[rule_i][1] if rule_i is not None else {}
+        name_parts: list[str] = []
+        if id(p) in depth_of:
+            level, lname = depth_of[id(p)]
+            p_lr = lr * layer_decay ** (n_layers - 1 - level)  # type: ignore[operator]
+            name_parts.append(lname)
+        else:
+            p_lr = lr
+        if rule_i is not None:
+            name_parts.append(_label(rule_list[rule_i][0]))
+        if "lr" in opts:
+            p_lr = opts["lr"]
+        elif "lr_mult" in opts:
+            p_lr = p_lr * opts["lr_mult"]
+        if "weight_decay" in opts:
+            p_wd = opts["weight_decay"]
+        elif id(p) in nd_ids:
+            p_wd = 0.0
+            if weight_decay:
+                name_parts.append("no_decay")
+        else:
+            p_wd = weight_decay * opts.get("decay_mult", 1.0)
+        settings = {k: v for k, v in opts.items() if k not in ("lr_mult", "decay_mult")}
+        settings["lr"] = p_lr
+        settings["weight_decay"] = p_wd
+        key = tuple(sorted((k, repr(v)) for k, v in settings.items())) if merge else id(p)
+        group = merged.get(key)
+        if group is None:
+            group = {"params": [], "name": None, "param_names": [], "_names": [], **settings}
+            merged[key] = group
+            out.append(group)
+        group["params"].append(p)
+        group["param_names"].append(pname)
+        label = "/".join(name_parts) or "default"
+        if label not in group["_names"]:
+            group["_names"].append(label)
+    for group in out:
+        labels = group.pop("_names")
+        group["name"] = "+".join(labels) if len(labels) <= 3 else (
+            f"{labels[0]}+{len(labels) - 1} more"
+        )
+    return out
