@@ -1,0 +1,107 @@
+"""Trainer integrations: one callback each for Lightning and the Hugging Face Trainer.
+
+Import the one you use explicitly; this package itself imports neither library,
+so ``import torchfreeze`` works without them::
+
+    from torchfreeze.integrations.lightning import FreezeCallback       # lightning
+    from torchfreeze.integrations.transformers import FreezeCallback    # transformers
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from ..errors import FreezeStateError, TorchfreezeError
+from ..freeze import _check_bn
+from ..select import Selector, select
+
+__all__: list[str] = []
+
+
+# ---------------------------------------------------------------------------
+# shared by both callbacks (private; imports neither trainer library)
+
+STATE_FORMAT = "torchfreeze.integrations.callback"
+STATE_VERSION = 1
+
+
+class _Plan:
+    """What a FreezeCallback was asked to do, validated once, trainer-agnostic."""
+
+    def __init__(
+        self,
+        freeze: Selector | None,
+        schedule: Mapping[int, Selector] | None,
+        *,
+        bn: str,
+        lr: float | None,
+        lr_mult: float | None,
+    ) -> None:
+        _check_bn(bn)
+        if lr is not None and lr_mult is not None:
+            raise TorchfreezeError(
+                f"pass lr= or lr_mult= for scheduled param groups, not both (got lr={lr}, "
+                f"lr_mult={lr_mult})."
+            )
+        if schedule is not None and not isinstance(schedule, Mapping):
+            raise TorchfreezeError(
+                f"schedule must be a mapping {{epoch: selectors}}, e.g. {{1: 'backbone.layer4'}}; "
+                f"got {type(schedule).__name__}."
+            )
+        epochs: dict[int, Selector] = {}
+        for key, sel in (schedule or {}).items():
+            # JSON round trips turn int keys into strings
+            epoch = int(key) if isinstance(key, str) and key.isdigit() else key
+            if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+                raise TorchfreezeError(
+                    f"schedule keys are epoch numbers >= 0 (0 = the first epoch); got {key!r}. "
+                    "Use e.g. schedule={1: 'backbone.layer4', 3: 'backbone.layer3'}."
+                )
+            epochs[epoch] = sel
+        self.freeze = freeze
+        self.schedule = dict(sorted(epochs.items()))
+        self.bn = bn
+        self.lr = lr
+        self.lr_mult = lr_mult
+
+    def validate(self, model: nn.Module) -> None:
+        """Resolve every selector now, so a typo fails before training, not epochs later."""
+        if self.freeze is not None:
+            select(model, self.freeze)
+        for sel in self.schedule.values():
+            select(model, sel)
+
+    def due(self, epoch: int, applied: list[int]) -> list[int]:
+        """Milestones to apply at the start of ``epoch`` (late ones too, in order)."""
+        return [e for e in self.schedule if e <= epoch and e not in applied]
+
+    def check_state(self, state: Any) -> list[int]:
+        """The applied milestones of a saved callback state, checked against this plan."""
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+            raise FreezeStateError(
+                "the checkpoint's FreezeCallback state is not one torchfreeze wrote "
+                f"(expected format {STATE_FORMAT!r}, got "
+                f"{state.get('format') if isinstance(state, Mapping) else type(state).__name__!r}"
+                "). Resume with the checkpoint of a run that used this callback."
+            )
+        applied = [int(e) for e in state.get("applied", [])]
+        unknown = [e for e in applied if e not in self.schedule]
+        if unknown:
+            raise FreezeStateError(
+                f"the checkpoint was made with unfreeze milestones at epochs {applied}, but this "
+                f"callback's schedule has {list(self.schedule)}: epochs {unknown} are not in it. "
+                "Resume with the same schedule the checkpoint was trained with."
+            )
+        return applied
+
+
+def _state(applied: list[int], freeze_state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "applied": list(applied),
+        "freeze_state": freeze_state,
+    }

@@ -1,0 +1,224 @@
+"""A Lightning callback that freezes, keeps frozen, and unfreezes on schedule.
+
+What it fixes over ``lightning.pytorch.callbacks.BaseFinetuning``:
+
+* frozen BatchNorm layers stay in eval through Lightning's own ``model.train()``
+  calls (after every validation loop, at every epoch), so their running
+  statistics never move (Lightning-AI/pytorch-lightning#15062);
+* on resume, ``requires_grad``, BN policies *and* the optimizer's param groups
+  are rebuilt before Lightning loads the optimizer state (#21901), so a
+  checkpoint saved after an unfreeze milestone loads;
+* every group it adds is registered with the LR scheduler(s) configured for that
+  optimizer (#8720);
+* with the ``ddp`` strategy the model is re-wrapped after each unfreeze, so the
+  newly trainable parameters are all-reduced (#20340). Strategies it cannot
+  handle (FSDP, DeepSpeed, XLA, model parallel) are refused before training.
+
+Hook order this relies on (``Trainer._run`` in lightning 2.x): ``setup`` (we
+freeze) -> callback ``load_state_dict`` when resuming (we keep the state) ->
+``strategy.setup`` (DDP wrap, ``configure_optimizers``) -> ``on_fit_start`` (we
+replay the milestones the checkpoint had reached, adding the same groups) ->
+``restore_training_state`` (Lightning loads optimizer and scheduler state into
+groups that now match) -> ``on_train_epoch_start`` (scheduled unfreezing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..errors import TorchfreezeError
+from ..freeze import freeze as _freeze
+from ..freeze import freeze_state, load_freeze_state, unfreeze
+from ..norm import BNPolicy
+from ..select import Selector
+from ..summary import summary
+from . import _Plan, _state
+
+__all__ = ["FreezeCallback"]
+
+# strategies that shard parameters or own the optimizer: requires_grad changes and
+# new param groups cannot be applied behind their back
+_UNSUPPORTED = ("DeepSpeedStrategy", "FSDPStrategy", "ModelParallelStrategy", "XLAStrategy",
+                "SingleDeviceXLAStrategy", "XLAFSDPStrategy")
+
+
+class FreezeCallback(Callback):
+    """Freeze parts of a LightningModule, keep them frozen, unfreeze on schedule.
+
+    Args:
+        freeze: selectors frozen in the ``setup`` hook, before
+            ``configure_optimizers`` runs (so an optimizer built from
+            ``filter(lambda p: p.requires_grad, self.parameters())`` never sees
+            them). ``None``: freeze nothing (the module may come frozen already).
+        schedule: ``{epoch: selectors}``; at the start of each listed epoch
+            (0 = the first) the selection is unfrozen and added to the optimizer
+            as a new param group, registered with the LR scheduler(s) of that
+            optimizer.
+        bn: BatchNorm policy of frozen BN layers (``"eval"``, ``"train"``,
+            ``"stats"``; see :func:`torchfreeze.freeze`).
+        lr: learning rate of each scheduled group.
+        lr_mult: instead of ``lr``, a multiple of the first group's learning rate.
+        optimizer_index: which of ``trainer.optimizers`` receives the new groups.
+        verbose: log the one-line summary ("trainable 4.1 M / 22.7 M (18.1%),
+            3 groups") at the start of fitting and after each milestone.
+
+    Layers must exist when the ``setup`` hook runs (built in ``__init__``, not in
+    ``configure_model``). Selectors are checked there, so a typo fails before
+    the first step, not epochs later.
+
+    Example:
+        >>> from torchfreeze.integrations.lightning import FreezeCallback
+        >>> cb = FreezeCallback(freeze="backbone", schedule={2: "backbone.layer4"},
+        ...                     lr_mult=0.1)
+        >>> # pl.Trainer(callbacks=[cb], ...).fit(module)
+    """
+
+    def __init__(
+        self,
+        freeze: Selector | None = None,
+        schedule: Mapping[int, Selector] | None = None,
+        *,
+        bn: BNPolicy = "eval",
+        lr: float | None = None,
+        lr_mult: float | None = None,
+        optimizer_index: int = 0,
+        verbose: bool = True,
+    ) -> None:
+        self._plan = _Plan(freeze, schedule, bn=bn, lr=lr, lr_mult=lr_mult)
+        self.optimizer_index = optimizer_index
+        self.verbose = verbose
+        #: epochs whose milestone has been applied, in order
+        self.applied: list[int] = []
+        #: the last summary line logged
+        self.headline: str | None = None
+        self._module: pl.LightningModule | None = None
+        self._pending: dict[str, Any] | None = None
+
+    # -- setup and resume -------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        _check_strategy(trainer.strategy)
+        self._plan.validate(pl_module)
+        self._module = pl_module
+        self.applied = []
+        self._pending = None
+        if self._plan.freeze is not None:
+            _freeze(pl_module, self._plan.freeze, bn=self._plan.bn)  # type: ignore[arg-type]
+
+    def state_dict(self) -> dict[str, Any]:
+        fs = freeze_state(self._module) if self._module is not None else None
+        return _state(self.applied, fs)  # type: ignore[arg-type]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Runs before strategy.setup builds the optimizer: only remember the state.
+        # Replaying here would make configure_optimizers put the unfrozen params in
+        # its own groups, and the checkpoint's group structure would not load.
+        self._plan.check_state(state_dict)
+        self._pending = dict(state_dict)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            for epoch in self._plan.check_state(pending):
+                self._apply(trainer, epoch)
+            if pending.get("freeze_state") is not None:
+                # exact BN policies and anything frozen outside the schedule
+                load_freeze_state(pl_module, pending["freeze_state"])
+        self._warn_frozen_in_optimizer(trainer, pl_module)
+        self._log(trainer, "")
+
+    # -- schedule ---------------------------------------------------------
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        due = self._plan.due(trainer.current_epoch, self.applied)
+        for epoch in due:
+            self._apply(trainer, epoch)
+        if due:
+            self._log(trainer, f"epoch {trainer.current_epoch}: ")
+
+    def _optimizer(self, trainer: pl.Trainer) -> torch.optim.Optimizer:
+        opts = trainer.optimizers
+        if not 0 <= self.optimizer_index < len(opts):
+            raise TorchfreezeError(
+                f"FreezeCallback(optimizer_index={self.optimizer_index}) but the trainer has "
+                f"{len(opts)} optimizer(s). Return an optimizer from configure_optimizers, or "
+                "pick an existing index."
+            )
+        return opts[self.optimizer_index]
+
+    def _apply(self, trainer: pl.Trainer, epoch: int) -> None:
+        module = trainer.lightning_module
+        optimizer = self._optimizer(trainer)
+        scheds = [c.scheduler for c in trainer.lr_scheduler_configs
+                  if getattr(c.scheduler, "optimizer", None) is optimizer]
+        if len(scheds) > 1:
+            raise TorchfreezeError(
+                f"the optimizer that receives the epoch-{epoch} group drives {len(scheds)} LR "
+                "schedulers; FreezeCallback registers new groups with one. Combine them "
+                "(e.g. SequentialLR) or set optimizer_index."
+            )
+        sel = self._plan.schedule[epoch]
+        options: dict[str, Any] = {
+            "optimizer": optimizer,
+            "lr": self._plan.lr,
+            "lr_mult": self._plan.lr_mult,
+            "scheduler": scheds[0] if scheds else None,
+            "group_name": f"unfrozen@{epoch}:{sel if isinstance(sel, str) else 'schedule'}",
+        }
+        strategy = trainer.strategy
+        if isinstance(strategy.model, DistributedDataParallel):
+            # DDP only all-reduces the parameters trainable when it was built:
+            # torchfreeze.distributed re-wraps with the same construction arguments
+            # (checking first that every rank agrees) and retires the old wrapper;
+            # Lightning calls strategy.model for every step, so swapping it suffices.
+            from .. import distributed
+
+            strategy.model = distributed.unfreeze(strategy.model, sel, **options)
+        else:
+            unfreeze(module, sel, **options)
+        self.applied.append(epoch)
+
+    # -- reporting --------------------------------------------------------
+
+    def _warn_frozen_in_optimizer(self, trainer: pl.Trainer, module: torch.nn.Module) -> None:
+        in_opt = {id(p) for opt in trainer.optimizers for g in opt.param_groups
+                  for p in g["params"]}
+        frozen = [n for n, p in module.named_parameters()
+                  if not p.requires_grad and id(p) in in_opt]
+        if frozen:
+            rank_zero_warn(
+                f"torchfreeze: {len(frozen)} frozen parameters (e.g. {frozen[:3]}) are in the "
+                "optimizer. They get no gradients, so they do not move, but a scheduled unfreeze "
+                "cannot give them their own group. Build the optimizer in configure_optimizers "
+                "from [p for p in self.parameters() if p.requires_grad]."
+            )
+
+    def _log(self, trainer: pl.Trainer, prefix: str) -> None:
+        opts = trainer.optimizers
+        opt = opts[self.optimizer_index] if 0 <= self.optimizer_index < len(opts) else None
+        self.headline = summary(trainer.lightning_module, opt).headline
+        if self.verbose:
+            rank_zero_info(f"torchfreeze: {prefix}{self.headline}")
+
+
+def _check_strategy(strategy: Any) -> None:
+    names = [c.__name__ for c in type(strategy).__mro__]
+    bad = next((n for n in names if n in _UNSUPPORTED), None)
+    ok = any(n in ("SingleDeviceStrategy", "DDPStrategy") for n in names)
+    if bad is not None or not ok or getattr(strategy, "restore_checkpoint_after_setup", False):
+        raise TorchfreezeError(
+            f"FreezeCallback does not support the {type(strategy).__name__} strategy: it shards "
+            "parameters or owns the optimizer, so changing requires_grad and adding param groups "
+            "during training would desynchronise it. Supported: single device, 'ddp' "
+            "(and 'ddp_spawn'/'ddp_fork'). For FSDP, freeze before wrapping and keep the frozen "
+            "set fixed (no schedule) in your own training step."
+        )
