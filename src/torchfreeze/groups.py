@@ -167,6 +167,7 @@ def param_groups(
     rules: Mapping[Any, Mapping[str, Any]] | Sequence[tuple[Any, Mapping[str, Any]]] | None = None,
     no_decay: Iterable[str | type[nn.Module]] = ("bias", "norm"),
     layer_decay: float | None = None,
+    layers: Sequence[Any] | None = None,
     example_inputs: Any = None,
     merge: bool = True,
 ) -> list[dict[str, Any]]:
@@ -205,6 +206,10 @@ def param_groups(
         layer_decay: layer-wise LR decay (timm/BEiT): with the groups of
             :func:`torchfreeze.layers` (stem, blocks, head), the head gets ``lr``
             and the group ``k`` levels below it ``lr x layer_decay**k``.
+        layers: the depth levels for ``layer_decay``, bottom to top, each a
+            selector (or a :class:`~torchfreeze.Layer`), instead of
+            :func:`torchfreeze.layers`; the last is the head. Every trainable
+            parameter must be in one (the first that matches wins).
         example_inputs: passed to :func:`torchfreeze.layers` for execution order.
         merge: merge groups with identical settings (``False``: one group per
             parameter, only useful for comparisons).
@@ -286,14 +291,31 @@ def param_groups(
 
     depth_of: dict[int, tuple[int, str]] = {}
     n_layers = 0
+    if layers is not None and layer_decay is None:
+        raise TorchfreezeError("layers= only sets the depth levels for layer_decay; pass both.")
     if layer_decay is not None:
-        from .layers import layers as find_layers
+        if layers is None:
+            from .layers import layers as find_layers
 
-        found = find_layers(model, example_inputs=example_inputs)
-        n_layers = len(found)
-        for layer in found:
-            for pname in layer.param_names:
-                depth_of[id(idx.params[pname])] = (layer.index, layer.name)
+            levels = [(layer.name, list(layer.param_names))
+                      for layer in find_layers(model, example_inputs=example_inputs)]
+        else:
+            levels = []
+            for level in layers:
+                sel = getattr(level, "param_names", level)
+                names = resolve(model, [sel], index=idx).param_names
+                levels.append((getattr(level, "name", None) or _label(sel), list(names)))
+        n_layers = len(levels)
+        for i, (lname, names) in enumerate(levels):
+            for pname in names:
+                depth_of.setdefault(id(idx.params[pname]), (i, lname))
+        missing = [n for n, p in trainable if id(p) not in depth_of]
+        if missing:
+            raise TorchfreezeError(
+                f"layers= leaves {len(missing)} trainable parameters without a depth level "
+                f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); add them to "
+                "a level (the last level is the head)."
+            )
 
     merged: dict[Any, dict[str, Any]] = {}
     out: list[dict[str, Any]] = []
