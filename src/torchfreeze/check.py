@@ -457,8 +457,9 @@ def _check_optimizer_params(
                     "momentum, Adam moments and weight decay to any parameter that has a .grad "
                     "(a zero one from zero_grad(set_to_none=False) included).",
                     "build the optimizer from the trainable parameters only: "
-                    "torch.optim.AdamW(tfz.param_groups(model, lr=...)); tfz.freeze(model, ...) "
-                    "also clears their .grad",
+                    "torch.optim.AdamW(tfz.param_groups(model, lr=...)); "
+                    f"tfz.freeze(model, {_selector_text(_compact(moving, idx))}) also clears "
+                    "their .grad",
                     names=tuple(moving),
                 ))
             if inert:
@@ -749,35 +750,37 @@ def _check_ddp(idx: ModelIndex) -> list[Finding]:
 
 
 def _check_scheduler(scheduler: Any, optimizers: list[Any]) -> list[Finding]:
-    out: list[Finding] = []
+    if isinstance(scheduler, (list, tuple)):
+        return [f for s in scheduler for f in _check_scheduler(s, optimizers)]
+    children = getattr(scheduler, "_schedulers", None)  # SequentialLR, ChainedScheduler
+    if isinstance(children, (list, tuple)) and children:
+        return _check_scheduler(list(children), optimizers)
     sched_opt = getattr(scheduler, "optimizer", None)
     kind = type(scheduler).__name__
     if sched_opt is None:
-        return out
-    real = [_unwrap_optimizer(o) for o in optimizers]
-    if optimizers and not any(sched_opt is o or sched_opt is r
-                              for o, r in zip(optimizers, real)):
-        out.append(Finding(
+        return []
+    groups = getattr(sched_opt, "param_groups", None)
+    # compare the group lists: wrappers (Lightning, accelerate) share the inner list
+    if optimizers and not any(groups is o.param_groups for o in optimizers):
+        return [Finding(
             "scheduler-mismatch", "error", kind,
             f"the {kind} drives another optimizer ({type(sched_opt).__name__} object) than the "
             "one given, so scheduler.step() changes learning rates nobody uses.",
-            "build the scheduler from the optimizer that trains the model",
-        ))
-        return out
-    n_groups = len(sched_opt.param_groups)
+            "build the scheduler on the optimizer that trains the model",
+        )]
+    n_groups = len(groups or ())
     for attr in ("base_lrs", "min_lrs", "lr_lambdas", "max_lrs"):
         values = getattr(scheduler, attr, None)
         if isinstance(values, (list, tuple)) and len(values) != n_groups:
-            out.append(Finding(
+            return [Finding(
                 "scheduler-mismatch", "error", kind,
                 f"the {kind} knows {len(values)} param groups ({attr}) but the optimizer has "
                 f"{n_groups}: a group added after the scheduler was built (e.g. by unfreezing) "
                 "gets no schedule, or step() fails.",
                 "tfz.unfreeze(model, ..., optimizer=optimizer, scheduler=scheduler) registers "
                 "the new group with the scheduler",
-            ))
-            break
-    return out
+            )]
+    return []
 
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
