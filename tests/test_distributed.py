@@ -1,0 +1,310 @@
+"""Distributed freezing on real processes: 2 ranks, gloo, CPU.
+
+Each 2-rank run costs seconds of process start-up, so one run plays several
+scenarios (module-scoped fixtures) and the tests below assert on what each rank
+reported. Every run has a hard deadline (see ``_dist_utils.run_ranks``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import torchfreeze as tfz
+import torchfreeze.distributed as tfd
+from torchfreeze.errors import DistributedFreezeError
+
+from ._dist_utils import run_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(150)
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)  # same initial weights on every rank, like a pretrained model
+    return nn.Sequential(
+        nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)
+    )
+
+
+def _batch(gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(16, 4, generator=gen)
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, rank: int, steps: int = 3) -> None:
+    gen = torch.Generator().manual_seed(100 + rank)  # different data on every rank
+    model.train()
+    for _ in range(steps):
+        model(_batch(gen)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    return {
+        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+        for k, v in module.state_dict().items()
+    }
+
+
+def _outcome(fn: Any) -> str:
+    try:
+        fn()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "ok"
+
+
+# ---------------------------------------------------------------------------
+# DDP: one 2-rank run, several scenarios
+
+
+def _ddp_scenarios(rank: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    # 1. what users do by hand: flip requires_grad after wrapping
+    model = _net()
+    tfz.freeze(model, "0", "1")
+    ddp = DDP(model)
+    for p in model[0].parameters():
+        p.requires_grad_(True)
+    _train(ddp, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1), rank)
+    out["naive"] = _state(model)
+    del ddp
+
+    # 2. torchfreeze.distributed.unfreeze on a wrapper built with non-default settings
+    model = _net()
+    tfz.freeze(model, "0", "1")
+    with pytest.warns(FutureWarning):  # torch 2.13 deprecates broadcast_buffers
+        ddp = DDP(model, bucket_cap_mb=1, gradient_as_bucket_view=True, broadcast_buffers=False)
+    out["kwargs_before"] = tfd.construction_kwargs(ddp)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01,
+                            weight_decay=0.1)
+    out["initial"] = _state(model)
+    old = ddp
+    ddp = tfd.unfreeze(ddp, "module.0", optimizer=opt, lr_mult=0.5)
+    out["kwargs_after"] = tfd.construction_kwargs(ddp)
+    out["same_group"] = out["kwargs_after"].pop("process_group") is out["kwargs_before"].pop(
+        "process_group")
+    out["groups"] = [(g.get("name"), g["lr"], len(g["params"])) for g in opt.param_groups]
+    _train(ddp, opt, rank)
+    out["unfrozen"] = _state(model)
+    out["stale_wrapper"] = _outcome(lambda: old(torch.zeros(2, 4)))
+
+    # 3. refusals and collective errors change nothing on any rank
+    flags = [p.requires_grad for p in model.parameters()]
+    n_groups = len(opt.param_groups)
+    out["tfz_unfreeze"] = _outcome(lambda: tfz.unfreeze(ddp, "module.1"))
+    out["tfz_freeze"] = _outcome(lambda: tfz.freeze(ddp, "module.3"))
+    typo = "module.1" if rank == 0 else "module.l"  # rank 1 has a typo
+    out["typo"] = _outcome(lambda: tfd.unfreeze(ddp, typo, optimizer=opt))
+    differ = "module.1" if rank == 0 else "module.1.weight"
+    out["differ"] = _outcome(lambda: tfd.unfreeze(ddp, differ, optimizer=opt))
+    out["freeze_all"] = _outcome(lambda: tfd.freeze(ddp))
+    out["unchanged"] = (flags == [p.requires_grad for p in model.parameters()]
+                        and n_groups == len(opt.param_groups))
+    _train(ddp, opt, rank, steps=1)  # the wrapper still works after the failed calls
+    out["after_errors"] = _state(model)
+
+    # 4. torchfreeze.distributed.freeze under static_graph, with a communication hook
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    model = _net()
+    ddp = DDP(model, static_graph=True)
+    ddp.register_comm_hook(None, default_hooks.allreduce_hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train(ddp, opt, rank, steps=1)
+    before = _state(model)
+    ddp = tfd.freeze(ddp, "0", "1")
+    out["freeze_kwargs"] = tfd.construction_kwargs(ddp)
+    del out["freeze_kwargs"]["process_group"]  # not picklable
+    out["freeze_hooks"] = [h.__name__ for h, _ in ddp._comm_hooks]
+    out["bn_training_after_train"] = (ddp.train(), model[1].training)[1]
+    _train(ddp, opt, rank)
+    out["freeze_before"], out["freeze_after"] = before, _state(model)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return run_ranks(_ddp_scenarios, tmp_path_factory.mktemp("ddp"))
+
+
+def test_plain_requires_grad_flip_after_wrapping_desynchronises_ranks(ddp_run) -> None:
+    # the failure torchfreeze.distributed prevents: DDP's reducer never heard of layer 0
+    r0, r1 = ddp_run
+    assert not torch.equal(r0["naive"]["0.weight"], r1["naive"]["0.weight"])
+    assert torch.equal(r0["naive"]["3.weight"], r1["naive"]["3.weight"])  # known ones sync
+
+
+def test_unfreeze_rewraps_so_ranks_stay_bit_identical(ddp_run) -> None:
+    r0, r1 = ddp_run
+    for name in r0["unfrozen"]:
+        assert torch.equal(r0["unfrozen"][name], r1["unfrozen"][name]), name
+    assert not torch.equal(r0["unfrozen"]["0.weight"], r0["initial"]["0.weight"])  # it trained
+    for name in ("1.weight", "1.bias", "1.running_mean", "1.running_var"):  # still frozen BN
+        assert torch.equal(r0["unfrozen"][name], r0["initial"][name]), name
+
+
+def test_unfreeze_adds_optimizer_group_like_tfz_unfreeze(ddp_run) -> None:
+    groups = ddp_run[0]["groups"]
+    assert len(groups) == 2
+    assert groups[1] == ("unfrozen:0", 0.005, 2)  # "module." stripped; lr_mult * 0.01
+
+
+def test_rewrap_keeps_every_construction_argument(ddp_run) -> None:
+    r0 = ddp_run[0]
+    assert r0["kwargs_after"] == r0["kwargs_before"]
+    assert r0["kwargs_before"]["bucket_cap_mb"] == 1
+    assert r0["kwargs_before"]["gradient_as_bucket_view"] is True
+    assert r0["kwargs_before"]["broadcast_buffers"] is False
+    assert r0["same_group"]
+    assert r0["freeze_kwargs"]["static_graph"] is True
+    assert r0["freeze_kwargs"]["bucket_cap_mb"] is None  # default kept: small first bucket
+    assert r0["freeze_hooks"] == ["allreduce_hook"]
+
+
+def test_replaced_wrapper_refuses_to_run(ddp_run) -> None:
+    assert ddp_run[0]["stale_wrapper"].startswith("DistributedFreezeError: this Distributed")
+    assert "use the wrapper that call returned" in ddp_run[0]["stale_wrapper"]
+
+
+def test_plain_tfz_freeze_unfreeze_on_ddp_raise_and_change_nothing(ddp_run) -> None:
+    for r in ddp_run:
+        assert r["tfz_unfreeze"].startswith("DistributedFreezeError")
+        assert "torchfreeze.distributed.unfreeze" in r["tfz_unfreeze"]
+        assert r["tfz_freeze"].startswith("DistributedFreezeError")
+        assert "torchfreeze.distributed.freeze" in r["tfz_freeze"]
+        assert r["unchanged"]
+
+
+def test_selector_error_on_one_rank_stops_every_rank(ddp_run) -> None:
+    r0, r1 = ddp_run
+    assert r1["typo"].startswith("SelectionError")
+    assert r0["typo"].startswith("DistributedFreezeError")
+    assert "failed on rank 1: SelectionError" in r0["typo"]
+    for r in ddp_run:
+        assert "called differently on rank 0 and rank 1" in r["differ"]
+        assert "no trainable parameter" in r["freeze_all"]
+    for name in r0["after_errors"]:  # and the job trains on, in sync
+        assert torch.equal(r0["after_errors"][name], r1["after_errors"][name]), name
+
+
+def test_freeze_rewraps_static_graph_and_frozen_weights_stay_put(ddp_run) -> None:
+    r0, r1 = ddp_run
+    assert r0["bn_training_after_train"] is False
+    for name in r0["freeze_after"]:
+        assert torch.equal(r0["freeze_after"][name], r1["freeze_after"][name]), name
+    for name in ("0.weight", "0.bias", "1.weight", "1.running_mean", "1.running_var"):
+        assert torch.equal(r0["freeze_after"][name], r0["freeze_before"][name]), name
+    assert not torch.equal(r0["freeze_after"]["5.weight"], r0["freeze_before"]["5.weight"])
+
+
+def test_distributed_functions_refuse_plain_modules() -> None:
+    with pytest.raises(DistributedFreezeError, match="takes a DistributedDataParallel"):
+        tfd.unfreeze(_net(), "0")
+    with pytest.raises(DistributedFreezeError, match="use tfz.freeze"):
+        tfd.freeze(_net(), "0")
+
+
+# ---------------------------------------------------------------------------
+# FSDP2 (fully_shard): frozen before sharding, then unfrozen after sharding
+
+
+def _fsdp_scenarios(rank: int) -> dict[str, Any]:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    out: dict[str, Any] = {}
+    model = _net()
+    tfz.freeze(model, "0", "1")  # a Linear and its BatchNorm
+    for i in (0, 3, 5):
+        fully_shard(model[i])
+    fully_shard(model)
+    out["dtensor"] = all(isinstance(p, DTensor) for p in model.parameters())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01,
+                            weight_decay=0.1)
+    before = _state(model)
+    if hasattr(tfz, "verify"):
+        with tfz.verify(model) as report:
+            _train(model, opt, rank)
+        out["verify"] = (report.ok, list(report.changed_frozen))
+    else:
+        _train(model, opt, rank)
+    if hasattr(tfz, "check"):
+        out["check_errors"] = [f.code for f in tfz.check(model, optimizer=opt)
+                               if f.severity == "error"]
+    after = _state(model)
+    out["frozen_moved"] = [k for k in ("0.weight", "0.bias", "1.weight", "1.bias",
+                                       "1.running_mean", "1.running_var")
+                           if not torch.equal(before[k], after[k])]
+    out["trained"] = not torch.equal(before["5.weight"], after["5.weight"])
+
+    # unfreeze after sharding, against a 1-process reference on both ranks' batches
+    ref = _net()
+    tfz.freeze(ref, "0", "1")
+    ref.load_state_dict(after)
+    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=0.01,
+                                weight_decay=0.1)
+    ref_opt.load_state_dict(_full_optim_state(opt, model))
+    returned = tfd.unfreeze(model, "0", optimizer=opt, lr=0.02)
+    tfz.unfreeze(ref, "0", optimizer=ref_opt, lr=0.02)
+    out["same_module"] = returned is model
+    gens = [torch.Generator().manual_seed(200 + r) for r in range(dist.get_world_size())]
+    for _ in range(2):
+        xs = [_batch(g) for g in gens]
+        model(xs[rank]).pow(2).mean().backward()  # FSDP2 averages grads over ranks
+        torch.stack([ref(x).pow(2).mean() for x in xs]).mean().backward()
+        for o in (opt, ref_opt):
+            o.step()
+            o.zero_grad()
+    got, want = _state(model), _state(ref)
+    out["max_diff"] = max((got[k] - want[k]).abs().max().item() for k in want)
+    out["unfrozen_moved"] = not torch.equal(got["0.weight"], after["0.weight"])
+    out["bn_still_frozen"] = torch.equal(got["1.running_mean"], after["1.running_mean"])
+    return out
+
+
+def _full_optim_state(opt: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
+    """AdamW state with DTensor moments gathered (same param order as the reference)."""
+    from torch.distributed.tensor import DTensor
+
+    sd = opt.state_dict()  # its per-param dicts are the live ones: copy, never mutate
+    sd["state"] = {
+        i: {k: v.full_tensor() if isinstance(v, DTensor) else v.clone() for k, v in st.items()}
+        for i, st in sd["state"].items()
+    }
+    return sd
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch >= 2.6")
+    return run_ranks(_fsdp_scenarios, tmp_path_factory.mktemp("fsdp"))
+
+
+def test_fsdp2_frozen_before_sharding_never_moves_and_verify_says_so(fsdp_run) -> None:
+    for r in fsdp_run:  # verify runs on every rank, on its own DTensor shards
+        assert r["dtensor"]
+        assert r["frozen_moved"] == []
+        assert r["trained"]
+        if "verify" in r:
+            assert r["verify"] == (True, [])
+        if "check_errors" in r:
+            assert r["check_errors"] == []
+
+
+def test_fsdp2_unfreeze_after_sharding_matches_single_process_training(fsdp_run) -> None:
+    for r in fsdp_run:
+        assert r["same_module"]
+        assert r["unfrozen_moved"]
+        assert r["bn_still_frozen"]
+        assert r["max_diff"] < 1e-5  # gradients of the unfrozen layer were averaged over ranks
