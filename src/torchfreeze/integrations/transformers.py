@@ -1,0 +1,290 @@
+"""A ``transformers.Trainer`` callback that freezes, keeps frozen, and unfreezes on schedule.
+
+When the Trainer builds what (transformers 5.x, ``Trainer.train``):
+
+1. ``Trainer.__init__`` ends with the ``on_init_end`` event: the callback freezes
+   here, so the frozen parameters are never in the optimizer the Trainer
+   builds later (``create_optimizer`` keeps only ``requires_grad`` parameters).
+2. ``train()`` loads the ``TrainerState`` of ``resume_from_checkpoint``, then calls
+   ``create_optimizer``, wraps the model, builds the LR scheduler and *then*
+   loads the optimizer and scheduler state. No callback event fires in between,
+   so the callback wraps that Trainer's ``create_optimizer`` (instance attribute,
+   set in ``on_init_end``): right after the optimizer is built it replays the
+   unfreeze milestones the checkpoint had reached (read from the
+   ``TrainerState``, where the callback's ``state()`` was saved), so the
+   optimizer has the checkpoint's param groups when its state is loaded.
+3. ``on_epoch_begin``: scheduled unfreezing. The new parameters become two
+   param groups of the Trainer's optimizer, split like the Trainer's own
+   (weight decay / no weight decay, ``Trainer.get_decay_parameter_names``), and
+   are registered with its LR scheduler.
+
+Not supported (refused with a clear error): DeepSpeed and FSDP (they own or
+shard the parameters), a schedule on multi-process training (the Trainer keeps
+its DDP wrapper in a local variable, so it cannot be re-wrapped),
+``model_init`` (the model is re-created inside ``train()``), and
+``restore_callback_states_from_checkpoint=True`` (it would replace this
+callback by a copy built from JSON).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from .._optim import prepare_new_group
+from ..errors import TorchfreezeError
+from ..freeze import freeze as _freeze
+from ..freeze import freeze_state, load_freeze_state, unfreeze
+from ..norm import BNPolicy
+from ..select import Selector, select
+from ..summary import summary
+from . import _Plan, _state
+
+__all__ = ["FreezeCallback"]
+
+_PATCHED = "_torchfreeze_callback"
+
+
+class FreezeCallback(TrainerCallback, ExportableState):
+    """Freeze parts of the model for ``transformers.Trainer``; unfreeze on schedule.
+
+    Pass it in ``Trainer(callbacks=[...])`` (not ``trainer.add_callback`` after
+    the Trainer exists: freezing must happen before the Trainer builds its
+    optimizer, which the ``on_init_end`` event guarantees).
+
+    Args:
+        freeze: selectors frozen when the Trainer is created.
+        schedule: ``{epoch: selectors}``; at the start of each listed epoch
+            (0 = the first) the selection is unfrozen and added to the Trainer's
+            optimizer and LR scheduler.
+        bn: BatchNorm policy of frozen BN layers (see :func:`torchfreeze.freeze`).
+        lr: learning rate of each scheduled group (its base, before the schedule).
+        lr_mult: instead of ``lr``, a multiple of ``args.learning_rate``.
+        verbose: print the one-line summary at the start of training and after
+            each milestone (main process only).
+
+    Example:
+        >>> from torchfreeze.integrations.transformers import FreezeCallback
+        >>> cb = FreezeCallback(freeze=["bert.embeddings", "bert.encoder.layer.{0..5}"],
+        ...                     schedule={1: "bert.encoder.layer.5"}, lr_mult=0.1)
+        >>> # Trainer(model, args, train_dataset=ds, callbacks=[cb]).train()
+    """
+
+    def __init__(
+        self,
+        freeze: Selector | None = None,
+        schedule: Mapping[int, Selector] | None = None,
+        *,
+        bn: BNPolicy = "eval",
+        lr: float | None = None,
+        lr_mult: float | None = None,
+        verbose: bool = True,
+    ) -> None:
+        self._plan = _Plan(freeze, schedule, bn=bn, lr=lr, lr_mult=lr_mult)
+        self.verbose = verbose
+        #: epochs whose milestone has been applied, in order
+        self.applied: list[int] = []
+        #: the last summary line printed
+        self.headline: str | None = None
+        self._model: nn.Module | None = None
+        self._trainer: Any = None  # weakref.ref to the Trainer, when found
+
+    # -- ExportableState: saved in trainer_state.json with every checkpoint --
+
+    def state(self) -> dict[str, Any]:
+        fs = freeze_state(self._model) if self._model is not None else None
+        return {"args": {}, "attributes": {"tfz_state": _state(self.applied, fs)}}  # type: ignore[arg-type]
+
+    # -- events -------------------------------------------------------------
+
+    def on_init_end(self, args: Any, state: Any, control: Any, model: Any = None,
+                    **kwargs: Any) -> None:
+        _check_args(args)
+        if model is None:
+            raise TorchfreezeError(
+                "FreezeCallback got no model at Trainer init. Pass model= to the Trainer "
+                "(model_init re-creates the model inside train() and is not supported)."
+            )
+        self._plan.validate(model)
+        self._model = model
+        self.applied = []
+        if self._plan.freeze is not None:
+            _freeze(model, self._plan.freeze, bn=self._plan.bn)  # type: ignore[arg-type]
+        trainer = _calling_trainer()
+        if trainer is not None:
+            self._trainer = weakref.ref(trainer)
+            _patch_create_optimizer(trainer, self)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
+                       optimizer: Any = None, **kwargs: Any) -> None:
+        if self._model is None:
+            raise TorchfreezeError(
+                "FreezeCallback never saw the Trainer being created, so it could not freeze "
+                "before the optimizer was built. Pass it as Trainer(..., callbacks=[cb]) "
+                "instead of trainer.add_callback(cb)."
+            )
+        if model is not None and model is not self._model:
+            raise TorchfreezeError(
+                "the Trainer trains a different model object than the one FreezeCallback froze "
+                "at init (model_init re-creates it inside train()). Pass model= instead of "
+                "model_init."
+            )
+        if self._plan.schedule and args.world_size > 1:
+            raise TorchfreezeError(
+                f"FreezeCallback(schedule=...) with {args.world_size} processes: the Trainer "
+                "keeps its DistributedDataParallel wrapper in a local variable of its training "
+                "loop, so a newly unfrozen layer could not be re-wrapped and ranks would "
+                "diverge. Use freeze= only (fixed frozen set), or train in one process."
+            )
+        opt = _inner_optimizer(optimizer)
+        if opt is not None:
+            in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+            frozen = [n for n, p in self._model.named_parameters()
+                      if not p.requires_grad and id(p) in in_opt]
+            if frozen:
+                raise TorchfreezeError(
+                    f"{len(frozen)} frozen parameters (e.g. {frozen[:3]}) are in the optimizer "
+                    "passed to Trainer(optimizers=...). Build it after the Trainer has frozen "
+                    "them, or let the Trainer build it (it keeps trainable parameters only)."
+                )
+        self._print(state, opt, "")
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, model: Any = None,
+                       optimizer: Any = None, lr_scheduler: Any = None,
+                       **kwargs: Any) -> None:
+        # state.epoch is epochs completed as a float (1.0 at the start of the second
+        # epoch, 1.5 when resuming mid-epoch); the tolerance absorbs float rounding
+        epoch = math.floor(state.epoch + 1e-6)
+        due = self._plan.due(epoch, self.applied)
+        opt = _inner_optimizer(optimizer)
+        for e in due:
+            self._apply(e, opt, _inner_scheduler(lr_scheduler), args)
+        if due:
+            self._print(state, opt, f"epoch {epoch}: ")
+
+    # -- internals ----------------------------------------------------------
+
+    def _replay(self, trainer: Any) -> None:
+        """Re-apply the milestones a resumed checkpoint had reached (optimizer only
+        exists, no scheduler yet: the Trainer builds it from the complete optimizer)."""
+        saved = (trainer.state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(saved, list):
+            saved = saved[0] if saved else None
+        st = (saved or {}).get("attributes", {}).get("tfz_state") if isinstance(saved, dict) \
+            else None
+        if not st:
+            return
+        applied = self._plan.check_state(st)
+        opt = _inner_optimizer(trainer.optimizer)
+        for e in applied:
+            if e not in self.applied:
+                self._apply(e, opt, None, trainer.args)
+        if st.get("freeze_state") is not None:
+            load_freeze_state(self._model, st["freeze_state"])
+
+    def _apply(self, epoch: int, optimizer: Any, scheduler: Any, args: Any) -> None:
+        model = self._model
+        assert model is not None
+        sel = select(model, self._plan.schedule[epoch])
+        trainer = self._trainer() if self._trainer is not None else None
+        decay = set(trainer.get_decay_parameter_names(model)) if trainer is not None \
+            else set(sel.param_names)
+        commits = []
+        if optimizer is not None:
+            label = self._plan.schedule[epoch]
+            label = label if isinstance(label, str) else "schedule"
+            parts = (
+                ([(p, n) for p, n in zip(sel.params, sel.param_names) if n in decay],
+                 args.weight_decay, ""),
+                ([(p, n) for p, n in zip(sel.params, sel.param_names) if n not in decay],
+                 0.0, ":no_decay"),
+            )
+            for pairs, wd, suffix in parts:
+                pairs = [(p, n) for p, n in pairs if p.is_floating_point()]
+                if not pairs:
+                    continue
+                # prepared one after the other and committed together: all or nothing
+                commits.append(prepare_new_group(
+                    optimizer, [p for p, _ in pairs], [n for _, n in pairs],
+                    lr=self._plan.lr, lr_mult=self._plan.lr_mult, scheduler=scheduler,
+                    name=f"unfrozen@{epoch}:{label}{suffix}", options={"weight_decay": wd},
+                ))
+        unfreeze(model, list(sel.param_names))
+        for commit in commits:
+            commit()
+        self.applied.append(epoch)
+
+    def _print(self, state: Any, optimizer: Any, prefix: str) -> None:
+        assert self._model is not None
+        self.headline = summary(self._model, optimizer).headline
+        if self.verbose and getattr(state, "is_world_process_zero", True):
+            print(f"torchfreeze: {prefix}{self.headline}")
+
+
+def _check_args(args: Any) -> None:
+    if getattr(args, "restore_callback_states_from_checkpoint", False):
+        raise TorchfreezeError(
+            "FreezeCallback does not support TrainingArguments("
+            "restore_callback_states_from_checkpoint=True): the Trainer would replace it by a "
+            "copy rebuilt from JSON. Leave it False; FreezeCallback restores its own state on "
+            "train(resume_from_checkpoint=...)."
+        )
+    for name in ("deepspeed", "fsdp"):
+        if getattr(args, name, None):
+            raise TorchfreezeError(
+                f"FreezeCallback does not support {name} in TrainingArguments: it shards or owns "
+                "the parameters and optimizer, so freezing and new param groups cannot be applied "
+                "behind its back. Freeze the model yourself before building the Trainer."
+            )
+
+
+def _calling_trainer() -> Any:
+    """The Trainer whose ``__init__`` fired ``on_init_end`` (callbacks get no reference
+    to it, and it is needed to hook ``create_optimizer`` for resume)."""
+    frame = sys._getframe(1)
+    for _ in range(16):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def _patch_create_optimizer(trainer: Any, callback: FreezeCallback) -> None:
+    if getattr(trainer, _PATCHED, None) is not None:
+        raise TorchfreezeError(
+            "this Trainer already has a torchfreeze FreezeCallback; use one callback with all "
+            "selectors (freeze= takes a list, schedule= a dict)."
+        )
+    ref = weakref.ref(trainer)
+    cls_create = type(trainer).create_optimizer  # a subclass's override is kept
+
+    def create_optimizer(*args: Any, **kwargs: Any) -> Any:
+        t = ref()
+        optimizer = cls_create(t, *args, **kwargs)
+        callback._replay(t)
+        return optimizer
+
+    trainer.create_optimizer = create_optimizer
+    setattr(trainer, _PATCHED, weakref.ref(callback))
+
+
+def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    # accelerate's AcceleratedOptimizer shares param_groups with the optimizer it wraps
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+
+
+def _inner_scheduler(scheduler: Any) -> Any:
+    inner = getattr(scheduler, "scheduler", None)
+    return inner if inner is not None and hasattr(inner, "optimizer") else scheduler

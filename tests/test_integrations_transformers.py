@@ -1,0 +1,184 @@
+"""Hugging Face Trainer FreezeCallback: frozen never enters the optimizer, schedule, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    Trainer,
+    TrainingArguments,
+)
+
+import torchfreeze as tfz  # noqa: E402
+from torchfreeze.errors import SelectionError, TorchfreezeError  # noqa: E402
+from torchfreeze.integrations.transformers import FreezeCallback  # noqa: E402
+
+FREEZE = ["bert.embeddings", "bert.encoder.layer.{0..1}"]
+SCHEDULE = {1: "bert.encoder.layer.1"}
+
+
+def _model() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                     intermediate_size=64, vocab_size=100, max_position_embeddings=16,
+                     num_labels=2)
+    return BertForSequenceClassification(cfg)
+
+
+class _Data(torch.utils.data.Dataset):
+    def __init__(self, n: int = 16) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(1, 100, (n, 8), generator=g)
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(8, dtype=torch.long),
+                "labels": self.labels[i]}
+
+
+def _args(out: Path, **kw) -> TrainingArguments:
+    base = {
+        "output_dir": str(out), "num_train_epochs": 2, "per_device_train_batch_size": 4,
+        "learning_rate": 1e-3, "weight_decay": 0.1, "report_to": "none", "use_cpu": True,
+        "save_strategy": "steps", "save_steps": 2, "logging_strategy": "no",
+        "disable_tqdm": True, "seed": 0, "dataloader_num_workers": 0,
+    }
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def _snap(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _changed(a: dict, b: dict, prefix: str) -> list[str]:
+    return [k for k in a if k.startswith(prefix) and not torch.equal(a[k], b[k])]
+
+
+class _Spy(transformers.TrainerCallback):
+    """Records what the optimizer held at the start of each epoch."""
+
+    def __init__(self) -> None:
+        self.groups: list[int] = []
+        self.frozen_in_opt: list[int] = []
+
+    def on_epoch_begin(self, args, state, control, model=None, optimizer=None, **kw):
+        ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        self.groups.append(len(optimizer.param_groups))
+        self.frozen_in_opt.append(sum(id(p) in ids for p in model.parameters()
+                                      if not p.requires_grad))
+
+
+@pytest.fixture(scope="module")
+def run2(tmp_path_factory):
+    """One uninterrupted 2-epoch run (4 steps per epoch), checkpoints every 2 steps."""
+    out = tmp_path_factory.mktemp("hf")
+    model = _model()
+    before = _snap(model)
+    cb, spy = FreezeCallback(freeze=FREEZE, schedule=SCHEDULE), _Spy()
+    trainer = Trainer(model=model, args=_args(out), train_dataset=_Data(),
+                      callbacks=[cb, spy])
+    trainer.train()
+    return SimpleNamespace(out=out, before=before, after=_snap(model), model=model,
+                           trainer=trainer, cb=cb, spy=spy)
+
+
+def test_frozen_never_moves_and_scheduled_layer_trains_from_epoch_1(run2):
+    before, after = run2.before, run2.after
+    assert _changed(before, after, "bert.embeddings.") == []
+    assert _changed(before, after, "bert.encoder.layer.0.") == []
+    # 2 epochs with weight decay 0.1: layers 1-3 and the head all moved
+    for prefix in ("bert.encoder.layer.1.", "bert.encoder.layer.2.", "bert.encoder.layer.3.",
+                   "classifier."):
+        assert _changed(before, after, prefix) != [], prefix
+    # epoch 0 (checkpoint-4): layer 1 still frozen, layer 2 already training
+    from safetensors.torch import load_file
+
+    epoch0 = load_file(str(run2.out / "checkpoint-4" / "model.safetensors"))
+    assert _changed(before, epoch0, "bert.encoder.layer.1.") == []
+    assert _changed(before, epoch0, "bert.encoder.layer.2.") != []
+
+
+def test_frozen_params_never_enter_the_optimizer(run2):
+    assert run2.spy.frozen_in_opt == [0, 0]
+    # Trainer's two groups, then the milestone's decay / no-decay pair
+    assert run2.spy.groups == [2, 4]
+    opt = run2.trainer.optimizer
+    new = opt.param_groups[2:]
+    assert [g["name"] for g in new] == ["unfrozen@1:bert.encoder.layer.1",
+                                        "unfrozen@1:bert.encoder.layer.1:no_decay"]
+    assert [g["weight_decay"] for g in new] == [0.1, 0.0]
+    name_of = {id(p): n for n, p in run2.model.named_parameters()}
+    no_decay = [name_of[id(p)] for p in new[1]["params"]]
+    assert no_decay and all("LayerNorm" in n or n.endswith("bias") for n in no_decay)
+    assert not any(n.endswith("bias") for n in (name_of[id(p)] for p in new[0]["params"]))
+    layer1 = set(tfz.select(run2.model, "bert.encoder.layer.1").param_names)
+    held = {id(p) for g in new for p in g["params"]}
+    assert held == {id(p) for n, p in run2.model.named_parameters() if n in layer1}
+
+
+def test_new_groups_follow_the_trainers_lr_scheduler(run2):
+    sched = run2.trainer.lr_scheduler
+    opt = run2.trainer.optimizer
+    assert len(sched.lr_lambdas) == len(sched.base_lrs) == 4
+    # linear decay to 0 over 8 steps: every group, new ones included, ends at 0
+    assert [g["lr"] for g in opt.param_groups] == [0.0] * 4
+    assert sched.base_lrs == [pytest.approx(1e-3)] * 4
+    assert run2.cb.applied == [1]
+    assert run2.cb.headline.endswith("4 groups")
+
+
+def test_resume_after_the_milestone_matches_the_uninterrupted_run(run2, tmp_path):
+    # checkpoint-6 is mid epoch 1, after layer 1 was unfrozen: its optimizer.pt has 4 groups
+    model = _model()
+    cb = FreezeCallback(freeze=FREEZE, schedule=SCHEDULE)
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_Data(), callbacks=[cb])
+    trainer.train(resume_from_checkpoint=str(run2.out / "checkpoint-6"))
+    after = _snap(model)
+    assert [k for k in after if not torch.equal(after[k], run2.after[k])] == []
+    assert cb.applied == [1]
+    assert len(trainer.optimizer.param_groups) == 4
+    assert not model.bert.encoder.layer[0].output.dense.weight.requires_grad
+    assert model.bert.encoder.layer[1].output.dense.weight.requires_grad
+
+
+def test_resume_before_the_milestone_applies_it_on_time(run2, tmp_path):
+    model = _model()
+    cb = FreezeCallback(freeze=FREEZE, schedule=SCHEDULE)
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_Data(), callbacks=[cb])
+    trainer.train(resume_from_checkpoint=str(run2.out / "checkpoint-2"))
+    after = _snap(model)
+    assert [k for k in after if not torch.equal(after[k], run2.after[k])] == []
+
+
+def test_typo_fails_when_the_trainer_is_built(tmp_path):
+    model = _model()
+    with pytest.raises(SelectionError, match=r"bert\.encoder\.layer"):
+        Trainer(model=model, args=_args(tmp_path), train_dataset=_Data(),
+                callbacks=[FreezeCallback(freeze=FREEZE, schedule={1: "bert.encodr.layer.1"})])
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_unsupported_settings_are_refused(tmp_path):
+    model = _model()
+    args = _args(tmp_path, restore_callback_states_from_checkpoint=True)
+    with pytest.raises(TorchfreezeError, match="restore_callback_states_from_checkpoint"):
+        Trainer(model=model, args=args, train_dataset=_Data(),
+                callbacks=[FreezeCallback(freeze=FREEZE)])
+    assert all(p.requires_grad for p in model.parameters())
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_Data())
+    trainer.add_callback(FreezeCallback(freeze=FREEZE))
+    with pytest.raises(TorchfreezeError, match="callbacks=\\[cb\\]"):
+        trainer.train()
