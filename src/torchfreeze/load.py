@@ -1,0 +1,639 @@
+"""Put a checkpoint's matching weights into a model, and say exactly what happened.
+
+``model.load_state_dict(sd, strict=False)`` has two silent failures: keys that
+differ by a wrapper prefix (``module.``, ``_orig_mod.``, ``bert.``) load nothing
+and pass, and a shape-mismatched head raises even with ``strict=False`` (seed
+004). :func:`load_pretrained` aligns names, skips or slices mismatches, refuses to
+load nothing, and validates everything before it writes a single value.
+
+Example:
+    >>> import torch.nn as nn, torchfreeze as tfz
+    >>> old = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 10))
+    >>> new = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 5))
+    >>> report = tfz.load_pretrained(new, {"epoch": 9, "state_dict": old.state_dict()})
+    >>> report.loaded, report.mismatched["2.weight"]
+    (['0.weight', '0.bias'], ((10, 8), (5, 8)))
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import torch
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+from torch import nn
+
+from ._checkpoint import (
+    CheckpointInfo,
+    CheckpointRow,
+    Source,
+    inspect_checkpoint,
+    read_checkpoint,
+    read_state_dict,
+)
+from ._report import Report, fmt_count
+from .errors import LoadError
+from .select import ModelIndex, Selector, resolve
+
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointRow",
+    "LoadReport",
+    "Source",
+    "inspect_checkpoint",
+    "load_pretrained",
+    "read_state_dict",
+]
+
+Rename = Union[Mapping[str, str], Sequence[tuple[str, str]]]
+_MAX_ROWS = 12  # per status in the printed table; to_dict() has everything
+_PREFIX_DEPTH = 4  # deepest checkpoint prefix tried for stripping
+_FANOUT = 32  # a suffix this common ("weight") says nothing about where keys belong
+
+
+@dataclass
+class LoadReport(Report):
+    """What :func:`load_pretrained` loaded, skipped and renamed.
+
+    Attributes:
+        loaded: model tensors (parameters and buffers) filled from the checkpoint,
+            canonical model names, model order.
+        missing: model tensors the checkpoint has nothing for (left as initialised).
+        unexpected: checkpoint keys that match no model tensor (original names).
+        mismatched: model name -> (checkpoint shape, model shape) for names that
+            match but shapes differ (skipped, or sliced when ``mismatched="partial"``).
+        renamed: checkpoint key -> model name, for every key loaded under another
+            name (a ``rename`` rule or an added/removed prefix).
+        converted: model name -> (checkpoint dtype, model dtype) for values cast.
+        partial: mismatched names whose overlapping slice was copied.
+        excluded: model tensors skipped because ``exclude`` selected them.
+        ignored: checkpoint key -> why it was deliberately not loaded (e.g. the
+            model's non-persistent buffers, which the model computes itself).
+        tied: checkpoint key -> model name it shares storage with (loaded once).
+        loaded_params: parameter values loaded (partial slices counted by overlap).
+        total_params: parameter values in the model (tied ones once).
+        loaded_fraction: ``loaded_params / total_params``.
+        alignment: the prefix rule applied to checkpoint keys ("" for none).
+        source: where the weights came from.
+        dry_run: True when nothing was written.
+        notes: anything else worth knowing.
+    """
+
+    loaded: list[str]
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
+    renamed: dict[str, str]
+    converted: dict[str, tuple[str, str]] = field(default_factory=dict)
+    partial: list[str] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
+    ignored: dict[str, str] = field(default_factory=dict)
+    tied: dict[str, str] = field(default_factory=dict)
+    loaded_params: int = 0
+    total_params: int = 0
+    loaded_fraction: float = 0.0
+    alignment: str = ""
+    source: str = ""
+    dry_run: bool = False
+    notes: list[str] = field(default_factory=list)
+    # shapes for the table: checkpoint key / model name -> shape
+    _ckpt_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
+    _model_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        """True when every model tensor was loaded and every checkpoint key used."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    @property
+    def headline(self) -> str:
+        total = len(self.loaded) + len(self.missing) + len(self.mismatched) + len(self.excluded)
+        verb = "would load" if self.dry_run else "loaded"
+        return (
+            f"{verb} {len(self.loaded)}/{total} model tensors"
+            + (f" (+{len(self.partial)} partially)" if self.partial else "")
+            + f": {_pct(self.loaded_fraction)} of parameters "
+            f"({fmt_count(self.loaded_params)} / {fmt_count(self.total_params)})"
+        )
+
+    def _rich(self) -> RenderableType:
+        table = Table(title=f"load_pretrained from {self.source}", title_justify="left")
+        for col in ("status", "name", "checkpoint", "model"):
+            table.add_column(col)
+        ck, md = self._ckpt_shapes, self._model_shapes
+
+        def add(status: str, names: Iterable[str], cells: Any, style: str | None) -> None:
+            names = list(names)
+            for name in names[:_MAX_ROWS]:
+                table.add_row(status, name, *cells(name), style=style)
+            if len(names) > _MAX_ROWS:
+                table.add_row(status, f"… {len(names) - _MAX_ROWS} more", "", "", style=style)
+
+        add("mismatched", [n for n in self.mismatched if n not in self.partial],
+            lambda n: (_shape(self.mismatched[n][0]), _shape(self.mismatched[n][1])), "red")
+        add("partial", self.partial,
+            lambda n: (_shape(self.mismatched[n][0]), _shape(self.mismatched[n][1])), "yellow")
+        add("missing", self.missing, lambda n: ("-", _shape(md.get(n))), "yellow")
+        add("unexpected", self.unexpected, lambda n: (_shape(ck.get(n)), "-"), "yellow")
+        add("excluded", self.excluded, lambda n: ("", _shape(md.get(n))), "dim")
+        add("ignored", self.ignored, lambda n: (self.ignored[n], ""), "dim")
+        add("tied", self.tied, lambda n: (n, self.tied[n]), "dim")
+        casts = Counter(self.converted.values())
+        for (src, dst), count in casts.items():
+            table.add_row("converted", f"{count} tensors", src, dst, style="dim")
+        lines: list[RenderableType] = [Text(self.headline, style="bold")]
+        if self.alignment:
+            lines.append(Text(f"names aligned: {self.alignment} ({len(self.renamed)} keys)"))
+        if table.row_count:
+            lines.insert(0, table)
+        lines += [Text(note, style="dim") for note in self.notes]
+        return Group(*lines)
+
+
+def _shape(shape: Sequence[int] | None) -> str:
+    return "" if shape is None else str(tuple(shape))
+
+
+def _pct(fraction: float) -> str:
+    # 770 classifier values out of 22.7 M must not print as "100.0%"
+    if 0 < fraction < 0.001:
+        return "<0.1%"
+    if 0.999 < fraction < 1:
+        return ">99.9%"
+    return f"{100 * fraction:.1f}%"
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------
+# the model side
+
+
+@dataclass
+class _Target:
+    name: str  # canonical (first) name
+    tensor: torch.Tensor
+    is_param: bool
+    persistent: bool
+
+
+def _targets(model: nn.Module, idx: ModelIndex) -> dict[str, _Target]:
+    """Every name a checkpoint key could match (tied aliases included)."""
+    out: dict[str, _Target] = {}
+    for mname, module in idx.module_aliases:
+        prefix = f"{mname}." if mname else ""
+        for pname, p in module._parameters.items():
+            if p is not None:
+                out[prefix + pname] = _Target(idx.param_name[id(p)], p, True, True)
+        for bname, b in module._buffers.items():
+            if b is not None:
+                persistent = bname not in module._non_persistent_buffers_set
+                out[prefix + bname] = _Target(idx.buffer_name[id(b)], b, False, persistent)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# key alignment
+
+
+@dataclass(frozen=True)
+class _Alignment:
+    strip: str = ""
+    add: str = ""
+
+    def apply(self, key: str) -> str:
+        if key.startswith(self.strip):
+            return self.add + key[len(self.strip):]
+        return key
+
+    def describe(self) -> str:
+        parts = []
+        if self.strip:
+            parts.append(f"removed prefix {self.strip!r}")
+        if self.add:
+            parts.append(f"added prefix {self.add!r}")
+        return " and ".join(parts)
+
+
+def _prefixes(key: str) -> list[str]:
+    parts = key.split(".")
+    return [".".join(parts[:i]) + "." for i in range(1, min(len(parts), _PREFIX_DEPTH + 1))]
+
+
+def _align(keys: list[str], names: set[str], shape_ok: Any) -> _Alignment:
+    """The prefix rule under which the most checkpoint keys name a model tensor.
+
+    A checkpoint saved from a wrapper (``module.``, ``_orig_mod.``, a Lightning
+    ``model.``), from a base model (no ``bert.``), or from a sub-network (a
+    backbone loaded into ``model.backbone``) differs from the model by one prefix
+    swap. Every swap the names support is scored by matched keys (then by matched
+    shapes); the identity wins ties, and two different best swaps are refused.
+    """
+    by_suffix: dict[str, list[str]] = defaultdict(list)
+    for name in names:
+        parts = name.split(".")
+        for i in range(len(parts)):
+            by_suffix[".".join(parts[i:])].append(".".join(parts[:i]) + "." if i else "")
+    votes: Counter[_Alignment] = Counter()
+    as_is_under: Counter[str] = Counter()  # keys under a prefix that already match
+    base = 0
+    for key in keys:
+        hit = key in names
+        base += hit
+        for strip in ["", *_prefixes(key)]:
+            rest = key[len(strip):]
+            adds = by_suffix.get(rest, ())
+            if len(adds) > _FANOUT or "." not in rest:
+                # 'weight' alone says nothing about which module a key belongs to
+                adds = [""] if rest in names else []
+            for add in adds:
+                if add != strip:
+                    votes[_Alignment(strip, add)] += 1
+            if hit:
+                as_is_under[strip] += 1
+    scores = {a: v + base - as_is_under[a.strip] for a, v in votes.items()}
+    best = max(scores.values(), default=0)
+    if best <= base:
+        return _Alignment()
+    top = [a for a, s in scores.items() if s == best]
+    if len(top) > 1:
+        shape_scores = {a: sum(shape_ok(k, a.apply(k)) for k in keys) for a in top}
+        best_shapes = max(shape_scores.values())
+        top = [a for a in top if shape_scores[a] == best_shapes]
+    if len(top) > 1:
+        # different rules can pair up the very same keys ('module.model.' -> 'model.'
+        # vs 'module.' -> ''); only a different pairing is a real ambiguity
+        pairings: dict[frozenset[tuple[str, str]], _Alignment] = {}
+        for a in sorted(top, key=lambda a: (len(a.strip) + len(a.add), a.strip, a.add)):
+            pairing = frozenset((k, a.apply(k)) for k in keys if a.apply(k) in names)
+            pairings.setdefault(pairing, a)
+        if len(pairings) > 1:
+            options = list(pairings.values())[:3]
+            raise LoadError(
+                "the checkpoint's keys fit the model equally well in several places: "
+                + "; ".join(o.describe() for o in options)
+                + f" (each matches {best} key{'s' if best != 1 else ''}). Load into the "
+                "submodule you mean (load_pretrained(model.part, ...)) or say where with "
+                "rename={r'^old\\.': 'new.'}."
+            )
+        top = list(pairings.values())
+    return top[0]
+
+
+def _apply_renames(keys: list[str], rename: Rename | None) -> list[str]:
+    if rename is None:
+        return keys
+    rules = list(rename.items()) if isinstance(rename, Mapping) else list(rename)
+    out = list(keys)
+    for rule in rules:
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+            raise LoadError(
+                f"rename rule {rule!r} is not a (regex, replacement) pair; pass e.g. "
+                "rename={r'^encoder\\.': 'backbone.'}."
+            )
+        pattern, repl = rule
+        try:
+            rx = re.compile(pattern)
+        except re.error as exc:
+            raise LoadError(
+                f"rename pattern {pattern!r} is not a valid regular expression ({exc})."
+            ) from None
+        if not any(rx.search(k) for k in out):
+            sample = ", ".join(repr(k) for k in out[:4])
+            raise LoadError(
+                f"rename pattern {pattern!r} matches no checkpoint key (keys look like "
+                f"{sample}). Fix the pattern or drop the rule."
+            )
+        try:
+            out = [rx.sub(repl, k) for k in out]
+        except (re.error, IndexError) as exc:
+            raise LoadError(f"rename replacement {repl!r} for {pattern!r} fails: {exc}.") from None
+    dupes = [k for k, n in Counter(out).items() if n > 1]
+    if dupes:
+        sources = [k for k, new in zip(keys, out) if new == dupes[0]]
+        shown = ", ".join(sources[:4]) + (f", … ({len(sources)} keys)" if len(sources) > 4 else "")
+        raise LoadError(
+            f"rename maps several checkpoint keys to {dupes[0]!r} ({shown}). "
+            "Make the rules specific enough that every key keeps a name of its own."
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------
+# validation
+
+
+def _castable(src: torch.dtype, dst: torch.dtype) -> bool:
+    # copy_() would silently truncate floats into integer buffers and drop the
+    # imaginary part of complex values; neither is a conversion anyone means.
+    if src.is_complex and not dst.is_complex:
+        return False
+    return not ((src.is_floating_point or src.is_complex)
+                and not (dst.is_floating_point or dst.is_complex))
+
+
+def _unwritable(t: torch.Tensor) -> str | None:
+    if t.is_meta:
+        return ("is on the meta device (no storage); materialise the model first, "
+                "e.g. model.to_empty(device='cpu')")
+    if t.is_inference():
+        return "is an inference-mode tensor; build the model outside torch.inference_mode()"
+    if type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor":
+        return "is sharded (DTensor); load the weights before fully_shard/parallelize"
+    return None
+
+
+@dataclass
+class _Copy:
+    target: _Target
+    src: torch.Tensor
+    key: str
+    slices: tuple[slice, ...] | None = None
+
+
+def _is_counter(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] == "num_batches_tracked"
+
+
+def load_pretrained(
+    model: nn.Module,
+    source: Source,
+    *,
+    rename: Rename | None = None,
+    exclude: Selector | None = None,
+    mismatched: Literal["skip", "error", "partial"] = "skip",
+    dry_run: bool = False,
+    unsafe_pickle: bool = False,
+) -> LoadReport:
+    """Load every checkpoint tensor that fits ``model``, and report the rest.
+
+    Names are matched exactly after ``rename``; when a prefix swap (a wrapper's
+    ``module.``/``_orig_mod.``/``model.``, a base model's ``bert.``, a backbone
+    checkpoint into ``model.backbone``) makes strictly more keys match, it is
+    applied and every renamed key reported. Buffers (BatchNorm running
+    statistics) load like parameters; tied parameters load once. Everything is
+    validated before the first value is copied (under ``torch.no_grad()``), so a
+    raised error leaves the model bit-for-bit as it was.
+
+    Args:
+        model: the model to fill.
+        source: a path (``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.pkl``,
+            ``.safetensors``, a Hugging Face folder, a sharded ``*.index.json``),
+            a (possibly nested) state dict, or an ``nn.Module``.
+        rename: ``{regex: replacement}`` (or a list of pairs) applied in order to
+            checkpoint keys with ``re.sub`` before matching. A rule that matches no
+            key is an error.
+        exclude: selectors (the :func:`torchfreeze.select` grammar, on the model)
+            of tensors to leave as initialised.
+        mismatched: names that match with a different shape are ``"skip"``-ped
+            (default; listed in ``mismatched``), an ``"error"``, or ``"partial"``-ly
+            copied: the overlapping leading slice (a head grown from 10 to 12
+            classes keeps its first 10 rows; an embedding grown by new tokens
+            keeps the old rows).
+        dry_run: compute the report, write nothing.
+        unsafe_pickle: allow pickles that hold Python objects besides tensors
+            (``torch.load(weights_only=False)``); this can execute code from the
+            file, so only for files you trust.
+
+    Returns:
+        A :class:`LoadReport`.
+
+    Raises:
+        LoadError: unreadable, corrupt or truncated source; nothing loadable
+            at all; a shape mismatch with ``mismatched="error"``; an impossible
+            cast or an unwritable model tensor; an ambiguous alignment; a bad
+            ``rename``. The model is unchanged. The error's ``report`` attribute
+            holds the :class:`LoadReport` when one was computed.
+        SelectionError: an ``exclude`` selector matched nothing.
+
+    Example:
+        >>> import torch.nn as nn, torchfreeze as tfz
+        >>> src = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+        >>> dst = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+        >>> r = tfz.load_pretrained(dst, {"module." + k: v for k, v in src.state_dict().items()})
+        >>> len(r.loaded), r.alignment, r.loaded_fraction
+        (7, "removed prefix 'module.'", 1.0)
+    """
+    if not isinstance(model, nn.Module):
+        raise LoadError(f"model must be an nn.Module, got {type(model).__name__}.")
+    if mismatched not in ("skip", "error", "partial"):
+        raise LoadError(
+            f"mismatched={mismatched!r} is not one of 'skip', 'error', 'partial'."
+        )
+    idx = ModelIndex(model)
+    targets = _targets(model, idx)
+    excluded_ids: set[int] = set()
+    if exclude is not None:
+        sel = resolve(model, [exclude], default_all=False, index=idx)
+        excluded_ids = {id(t) for t in (*sel.params, *sel.buffers)}
+
+    ckpt = read_checkpoint(source, unsafe_pickle=unsafe_pickle)
+    keys = list(ckpt.tensors)
+    renamed_keys = _apply_renames(keys, rename)
+    tensors = dict(zip(renamed_keys, ckpt.tensors.values()))
+    original = dict(zip(renamed_keys, keys))
+
+    def shape_ok(key: str, name: str) -> bool:
+        t = targets.get(name)
+        return t is not None and tuple(t.tensor.shape) == tuple(tensors[key].shape)
+
+    alignment = _align(renamed_keys, set(targets), shape_ok)
+    matched: dict[str, str] = {}  # checkpoint key (after rename) -> model name
+    taken: set[str] = set()
+    for key in renamed_keys:
+        name = alignment.apply(key)
+        if name in targets:
+            matched[key] = name
+            taken.add(name)
+    for key in renamed_keys:  # a key the prefix rule moved off its exact match keeps it
+        if key not in matched and key in targets and key not in taken:
+            matched[key] = key
+            taken.add(key)
+    dup_names = [n for n, c in Counter(matched.values()).items() if c > 1]
+    if dup_names:
+        keys_for = [original[k] for k, n in matched.items() if n == dup_names[0]]
+        raise LoadError(
+            f"checkpoint keys {', '.join(map(repr, keys_for))} would all load into "
+            f"{dup_names[0]!r}. Drop the duplicates or separate them with rename=."
+        )
+
+    report = LoadReport(
+        loaded=[], missing=[], unexpected=[], mismatched={}, renamed={},
+        alignment=alignment.describe(), source=ckpt.origin, dry_run=dry_run,
+    )
+    if ckpt.unwrapped:
+        report.notes.append("weights read from " + "".join(f"[{k!r}]" for k in ckpt.unwrapped))
+    if ckpt.dropped:
+        report.notes.append(f"{len(ckpt.dropped)} non-tensor entries ignored (e.g. "
+                            f"{ckpt.dropped[0]!r}).")
+    report._ckpt_shapes = {original[k]: tuple(t.shape) for k, t in tensors.items()}
+    report._model_shapes = {t.name: tuple(t.tensor.shape) for t in targets.values()}
+
+    plans: dict[int, _Copy] = {}  # id(model tensor) -> what to copy into it
+    problems: list[str] = []
+    for key, name in matched.items():
+        target, src = targets[name], tensors[key]
+        ckey = original[key]
+        if ckey != name:
+            report.renamed[ckey] = name
+        if not target.persistent:
+            report.ignored[ckey] = "non-persistent buffer (the model computes it itself)"
+            continue
+        if id(target.tensor) in excluded_ids:
+            if target.name not in report.excluded:
+                report.excluded.append(target.name)
+            continue
+        if id(target.tensor) in plans:
+            first = plans[id(target.tensor)]
+            report.tied[ckey] = target.name
+            if src.shape == first.src.shape and not torch.equal(src.cpu(), first.src.cpu()):
+                report.notes.append(
+                    f"{ckey!r} and {original[first.key]!r} are tied in the model but differ "
+                    f"in the checkpoint; the model holds {original[first.key]!r}'s values."
+                )
+            continue
+        reason = _unwritable(target.tensor)
+        if reason:
+            problems.append(f"{target.name} {reason}")
+            continue
+        if src.is_meta:
+            problems.append(f"checkpoint tensor {ckey} is on the meta device (it has no values)")
+            continue
+        if not _castable(src.dtype, target.tensor.dtype):
+            problems.append(
+                f"{ckey} is {_dtype(src.dtype)} but {target.name} is "
+                f"{_dtype(target.tensor.dtype)}; casting would lose values"
+            )
+            continue
+        ck_shape, md_shape = tuple(src.shape), tuple(target.tensor.shape)
+        if ck_shape != md_shape:
+            report.mismatched[target.name] = (ck_shape, md_shape)
+            if mismatched == "partial":
+                if len(ck_shape) == len(md_shape):
+                    slices = tuple(slice(0, min(a, b)) for a, b in zip(ck_shape, md_shape))
+                    plans[id(target.tensor)] = _Copy(target, src, key, slices)
+                    report.partial.append(target.name)
+                else:
+                    report.notes.append(
+                        f"{target.name}: checkpoint has {len(ck_shape)} dims, model "
+                        f"{len(md_shape)}; no overlapping slice, left as initialised."
+                    )
+            continue
+        plans[id(target.tensor)] = _Copy(target, src, key)
+        if src.dtype != target.tensor.dtype:
+            report.converted[target.name] = (_dtype(src.dtype), _dtype(target.tensor.dtype))
+
+    consumed = set(matched)
+    for key in renamed_keys:
+        if key in consumed:
+            continue
+        if _is_counter(key):
+            report.ignored[original[key]] = "BatchNorm counter the model does not keep"
+        else:
+            report.unexpected.append(original[key])
+
+    done = {id(t.target.tensor) for t in plans.values()}
+    mismatched_names = set(report.mismatched)
+    counters_missing = 0
+    # state_dict order: module by module, parameters then buffers
+    canonical = {t.name: t.tensor for t in targets.values()}
+    for name, tensor in canonical.items():
+        if id(tensor) in done:
+            if plans[id(tensor)].slices is None:
+                report.loaded.append(name)
+            continue
+        if name in mismatched_names or id(tensor) in excluded_ids:
+            continue
+        if name in idx.buffers and not targets[name].persistent:
+            continue
+        if _is_counter(name):
+            counters_missing += 1  # a checkpoint from before PyTorch 0.4.1: no counter
+            continue
+        report.missing.append(name)
+    if counters_missing:
+        report.notes.append(
+            f"{counters_missing} BatchNorm num_batches_tracked counters are not in the "
+            "checkpoint; kept as they were."
+        )
+
+    total = sum(p.numel() for p in idx.params.values())
+    loaded_values = 0
+    for plan in plans.values():
+        if plan.target.is_param:
+            if plan.slices is None:
+                loaded_values += plan.target.tensor.numel()
+            else:
+                n = 1
+                for s in plan.slices:
+                    n *= s.stop
+                loaded_values += n
+    report.loaded_params = loaded_values
+    report.total_params = total
+    report.loaded_fraction = loaded_values / total if total else 0.0
+
+    if problems:
+        raise _with_report(LoadError(
+            f"cannot load {ckpt.origin} into {type(model).__name__}: "
+            + "; ".join(problems[:5])
+            + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            + ". Nothing was changed."
+        ), report)
+    if mismatched == "error" and report.mismatched:
+        shown = "; ".join(f"{n}: checkpoint {_shape(a)} vs model {_shape(b)}"
+                          for n, (a, b) in list(report.mismatched.items())[:5])
+        raise _with_report(LoadError(
+            f"{len(report.mismatched)} tensors of {ckpt.origin} have the wrong shape for "
+            f"{type(model).__name__} ({shown}). Nothing was changed. Pass "
+            "mismatched='skip' to leave them as initialised, mismatched='partial' to copy "
+            "the overlapping slice, or exclude= to leave them out."
+        ), report)
+    if not any(not _is_counter(p.target.name) for p in plans.values()):
+        raise _with_report(_nothing_loaded(model, ckpt.origin, renamed_keys, targets, report),
+                           report)
+
+    if not dry_run:
+        with torch.no_grad():
+            for plan in plans.values():
+                dst = plan.target.tensor
+                if plan.slices is None:
+                    dst.copy_(plan.src)
+                else:
+                    dst[plan.slices].copy_(plan.src[plan.slices])
+    return report
+
+
+def _with_report(err: LoadError, report: LoadReport) -> LoadError:
+    err.report = report  # type: ignore[attr-defined]
+    return err
+
+
+def _nothing_loaded(
+    model: nn.Module, origin: str, keys: list[str], targets: dict[str, _Target],
+    report: LoadReport,
+) -> LoadError:
+    what = f"{type(model).__name__}"
+    if report.mismatched:
+        n, (a, b) = next(iter(report.mismatched.items()))
+        why = (f"every tensor whose name matches has another shape (e.g. {n}: checkpoint "
+               f"{_shape(a)} vs model {_shape(b)}). Check that this is the right checkpoint, "
+               "or pass mismatched='partial' to copy overlapping slices.")
+    elif report.excluded:
+        why = (f"exclude= left out all {len(report.excluded)} matching tensors. "
+               "Narrow the exclude.")
+    else:
+        ck = ", ".join(repr(k) for k in keys[:3])
+        md = ", ".join(repr(n) for n, t in targets.items() if t.persistent)
+        md = ", ".join(md.split(", ")[:3])
+        why = (f"no checkpoint key names a tensor of the model (checkpoint keys look like {ck}; "
+               f"model names like {md}), even after trying to add or remove a leading prefix. "
+               "Check that this is the right checkpoint, or map the names with "
+               "rename={r'^old\\.': 'new.'}.")
+    return LoadError(f"nothing in {origin} was loaded into {what}: {why} Nothing was changed.")
