@@ -170,7 +170,9 @@ def _max_abs_change(before: torch.Tensor, after: torch.Tensor) -> float:
         return float("inf")
     if before.is_floating_point() or before.is_complex():
         work = torch.complex128 if before.is_complex() else torch.float64
-        diff = (after.to(work) - before.to(work)).abs()
+        a, b = before.to(work), after.to(work)
+        diff = (b - a).abs()
+        diff[torch.isnan(a) & torch.isnan(b)] = 0.0  # a NaN that stayed NaN did not change
     else:
         diff = (after.to(torch.float64) - before.to(torch.float64)).abs()
     if diff.numel() == 0:
@@ -201,6 +203,7 @@ class _Snapshot:
         self.frozen: dict[str, torch.Tensor] = {}
         self.kinds: dict[str, str] = {}
         self.trainable: dict[str, torch.Tensor] = {}
+        self.owner: dict[str, str] = {}  # BN buffer -> its layer
         self.bytes = 0
         self.values = 0
         with torch.no_grad():
@@ -218,6 +221,7 @@ class _Snapshot:
                     full = prefix + bname
                     if b is not None and idx.buffer_name.get(id(b)) == full:
                         self._keep(full, b, "BN buffer")
+                        self.owner[full] = mname
 
     def _keep(self, name: str, t: torch.Tensor, kind: str) -> None:
         local = _local(t)
@@ -242,6 +246,10 @@ class _Snapshot:
                     continue
                 if self.kinds[name] == "parameter" and now.requires_grad:
                     unfrozen.append(name)
+                    continue
+                layer = idx.modules.get(self.owner.get(name, ""))
+                if name in self.owner and layer is not None and not _frozen_bn(layer):
+                    unfrozen.append(name)  # its BN layer was unfrozen inside the block
                     continue
                 after = _local(now)
                 if self.offload:
