@@ -54,6 +54,10 @@ _EXPORTS: dict[str, str] = {
     "fine_tune_schedule": "schedule",
     "LoadReport": "load",
     "load_pretrained": "load",
+    "CheckpointInfo": "load",
+    "inspect_checkpoint": "load",
+    "read_state_dict": "load",
+    "CheckError": "check",
     "Diagnosis": "check",
     "Finding": "check",
     "check": "check",
@@ -98,11 +102,17 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .cache import FeatureCache
-    from .check import Diagnosis, Finding, check
+    from .check import CheckError, Diagnosis, Finding, check
     from .freeze import freeze, freeze_state, freeze_to, frozen, load_freeze_state, unfreeze
     from .groups import param_groups
     from .layers import Layer, layers
-    from .load import LoadReport, load_pretrained
+    from .load import (
+        CheckpointInfo,
+        LoadReport,
+        inspect_checkpoint,
+        load_pretrained,
+        read_state_dict,
+    )
     from .norm import FrozenBatchNorm, convert_frozen_batchnorm, revert_frozen_batchnorm
     from .schedule import GradualUnfreeze, fine_tune_schedule
     from .select import Selection, Selector, select
