@@ -479,7 +479,8 @@ def load_pretrained(
 
     plans: dict[int, _Copy] = {}  # id(model tensor) -> what to copy into it
     problems: list[str] = []
-    for key, name in matched.items():
+    # a tied tensor takes its values from the key under its canonical name, if present
+    for key, name in sorted(matched.items(), key=lambda kv: targets[kv[1]].name != kv[1]):
         target, src = targets[name], tensors[key]
         ckey = original[key]
         if ckey != name:
