@@ -7,6 +7,10 @@ reported. Every run has a hard deadline (see ``_dist_utils.run_ranks``).
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,7 @@ import torchfreeze as tfz
 import torchfreeze.distributed as tfd
 from torchfreeze.errors import DistributedFreezeError
 
-from ._dist_utils import run_ranks
+from ._dist_utils import free_port, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(150)
@@ -130,6 +134,26 @@ def _ddp_scenarios(rank: int) -> dict[str, Any]:
     out["bn_training_after_train"] = (ddp.train(), model[1].training)[1]
     _train(ddp, opt, rank)
     out["freeze_before"], out["freeze_after"] = before, _state(model)
+
+    # 5. GradualUnfreeze re-wraps at each milestone; gu.model is the current wrapper
+    model = _net()
+    tfz.freeze(model, "0", "3")  # the scheduled selections, frozen before wrapping
+    first = ddp = DDP(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05,
+                          momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    gu = tfz.GradualUnfreeze(ddp, opt, {1: "3", 2: "0"}, lr_mult=0.1, scheduler=sched)
+    start = _state(model)
+    wrappers = []
+    for epoch in range(3):
+        out.setdefault("gu_applied", []).append(gu.step(epoch))
+        wrappers.append(gu.model)
+        _train(gu.model, opt, rank, steps=2)
+        sched.step()
+    out["gu_new_wrappers"] = (wrappers[0] is first, wrappers[1] is not first,
+                              wrappers[2] is not wrappers[1])
+    out["gu_lrs"] = [g["lr"] for g in opt.param_groups]
+    out["gu_start"], out["gu_end"] = start, _state(model)
     return out
 
 
@@ -208,6 +232,20 @@ def test_freeze_rewraps_static_graph_and_frozen_weights_stay_put(ddp_run) -> Non
     assert not torch.equal(r0["freeze_after"]["5.weight"], r0["freeze_before"]["5.weight"])
 
 
+def test_gradual_unfreeze_under_ddp_two_milestones_ranks_identical(ddp_run) -> None:
+    r0, r1 = ddp_run
+    assert r0["gu_applied"] == [[], [1], [2]]
+    assert r0["gu_new_wrappers"] == (True, True, True)
+    assert len(r0["gu_lrs"]) == 3
+    # parameters; BN 1 trains here, and DDP syncs running stats at the *next* forward
+    params = [n for n in r0["gu_end"] if "running" not in n and "num_batches" not in n]
+    assert len(params) == 8
+    for name in params:
+        assert torch.equal(r0["gu_end"][name], r1["gu_end"][name]), name
+    for name in ("0.weight", "3.weight", "5.weight"):  # every milestone's layer trained
+        assert not torch.equal(r0["gu_end"][name], r0["gu_start"][name]), name
+
+
 def test_distributed_functions_refuse_plain_modules() -> None:
     with pytest.raises(DistributedFreezeError, match="takes a DistributedDataParallel"):
         tfd.unfreeze(_net(), "0")
@@ -233,15 +271,11 @@ def _fsdp_scenarios(rank: int) -> dict[str, Any]:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01,
                             weight_decay=0.1)
     before = _state(model)
-    if hasattr(tfz, "verify"):
-        with tfz.verify(model) as report:
-            _train(model, opt, rank)
-        out["verify"] = (report.ok, list(report.changed_frozen))
-    else:
+    with tfz.verify(model) as report:
         _train(model, opt, rank)
-    if hasattr(tfz, "check"):
-        out["check_errors"] = [f.code for f in tfz.check(model, optimizer=opt)
-                               if f.severity == "error"]
+    out["verify"] = (report.ok, list(report.changed_frozen), len(report.unchanged_trainable))
+    out["check_errors"] = [f.code for f in tfz.check(model, optimizer=opt)
+                           if f.severity == "error"]
     after = _state(model)
     out["frozen_moved"] = [k for k in ("0.weight", "0.bias", "1.weight", "1.bias",
                                        "1.running_mean", "1.running_var")
@@ -296,10 +330,8 @@ def test_fsdp2_frozen_before_sharding_never_moves_and_verify_says_so(fsdp_run) -
         assert r["dtensor"]
         assert r["frozen_moved"] == []
         assert r["trained"]
-        if "verify" in r:
-            assert r["verify"] == (True, [])
-        if "check_errors" in r:
-            assert r["check_errors"] == []
+        assert r["verify"] == (True, [], 0)  # on its own shards, on every rank
+        assert r["check_errors"] == []
 
 
 def test_fsdp2_unfreeze_after_sharding_matches_single_process_training(fsdp_run) -> None:
@@ -308,3 +340,32 @@ def test_fsdp2_unfreeze_after_sharding_matches_single_process_training(fsdp_run)
         assert r["unfrozen_moved"]
         assert r["bn_still_frozen"]
         assert r["max_diff"] < 1e-5  # gradients of the unfrozen layer were averaged over ranks
+
+
+# ---------------------------------------------------------------------------
+# the example script, under the real launcher
+
+
+def _torchrun() -> list[str]:
+    exe = Path(sys.executable).with_name("torchrun")
+    if exe.exists():
+        return [str(exe)]
+    if shutil.which("torchrun"):
+        return [shutil.which("torchrun")]
+    return [sys.executable, "-m", "torch.distributed.run"]  # what torchrun runs
+
+
+@pytest.mark.timeout(180)
+def test_example_ddp_finetune_runs_under_torchrun(tmp_path) -> None:
+    pytest.importorskip("sklearn", reason="the example trains on scikit-learn's digits")
+    cmd = [*_torchrun(), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(ROOT / "examples" / "ddp_finetune.py"),
+           "--epochs", "2", "--unfreeze-at", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, cwd=tmp_path,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("epoch 0:") and "param groups 2" in line for line in lines)
+    assert any(line.startswith("epoch 1:") and "param groups 3" in line for line in lines)
+    assert "ranks in sync: True" in lines
