@@ -17,7 +17,7 @@ import torchfreeze as tfz
 from torchfreeze.errors import LoadError, SelectionError
 from torchfreeze.load import inspect_checkpoint, read_state_dict
 
-from ._models import TinyResNet, tiny_bert
+from ._models import TinyResNet, tiny_bert, tiny_hf_resnet
 
 
 def everything(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -186,6 +186,24 @@ def test_hf_folder_base_model_into_task_model(tmp_path) -> None:
     assert report.alignment == "removed prefix 'bert.'"
     assert sorted(report.unexpected) == ["classifier.bias", "classifier.weight"]
     assert torch.equal(base.pooler.dense.weight, src.bert.pooler.dense.weight)
+
+
+def test_hf_resnet_backbone_with_bn_statistics(tmp_path) -> None:
+    src = tiny_hf_resnet()
+    with torch.no_grad():
+        for m in src.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    src.resnet.save_pretrained(tmp_path)
+    dst = tiny_hf_resnet()
+    report = tfz.load_pretrained(dst, tmp_path)
+    assert report.alignment == "added prefix 'resnet.'"
+    assert report.missing == ["classifier.1.weight", "classifier.1.bias"]
+    stats = [k for k in src.resnet.state_dict() if k.endswith("running_var")]
+    assert len(stats) >= 10 and all(f"resnet.{k}" in report.loaded for k in stats)
+    for k, v in src.resnet.state_dict().items():
+        assert torch.equal(dst.state_dict()[f"resnet.{k}"], v), k
 
 
 def test_hf_sharded_safetensors_index(tmp_path) -> None:
@@ -550,6 +568,20 @@ def test_dtype_conversion_reported() -> None:
     assert report.converted == {"weight": ("float16", "float32"), "bias": ("float16", "float32")}
     assert torch.equal(new.weight, old.weight.float())
     assert "converted" in str(report) and "float16" in str(report)
+    grown = nn.Linear(4, 5)
+    report = tfz.load_pretrained(grown, old.to(torch.bfloat16), mismatched="partial")
+    assert report.partial == ["weight", "bias"]
+    assert report.converted == {"weight": ("bfloat16", "float32"), "bias": ("bfloat16", "float32")}
+    assert torch.equal(grown.weight[:3], old.weight.float())
+
+
+def test_legacy_torch_save_format(tmp_path) -> None:
+    old = trained_resnet(10)
+    torch.save({"state_dict": old.state_dict()}, tmp_path / "old.pth.tar",
+               _use_new_zipfile_serialization=False)
+    new = TinyResNet(10)
+    assert tfz.load_pretrained(new, tmp_path / "old.pth.tar").loaded == list(new.state_dict())
+    assert torch.equal(new.bn1.running_var, old.bn1.running_var)
 
 
 def test_safetensors_missing_package_is_a_clear_error(tmp_path, monkeypatch) -> None:

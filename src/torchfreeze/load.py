@@ -515,6 +515,8 @@ def load_pretrained(
             )
             continue
         ck_shape, md_shape = tuple(src.shape), tuple(target.tensor.shape)
+        if src.dtype != target.tensor.dtype and (ck_shape == md_shape or mismatched == "partial"):
+            report.converted[target.name] = (_dtype(src.dtype), _dtype(target.tensor.dtype))
         if ck_shape != md_shape:
             report.mismatched[target.name] = (ck_shape, md_shape)
             if mismatched == "partial":
@@ -529,8 +531,6 @@ def load_pretrained(
                     )
             continue
         plans[id(target.tensor)] = _Copy(target, src, key)
-        if src.dtype != target.tensor.dtype:
-            report.converted[target.name] = (_dtype(src.dtype), _dtype(target.tensor.dtype))
 
     consumed = set(matched)
     for key in renamed_keys:
