@@ -468,6 +468,36 @@ def test_rename_rules_and_backbone_prefix() -> None:
         tfz.load_pretrained(fresh, old_names, rename={r"^.*$": "x"})
 
 
+def _nest(path: str, module: nn.Module) -> nn.Module:
+    if not path:
+        return module
+    root = outer = nn.Module()
+    parts = path.split(".")
+    for part in parts[:-1]:
+        inner = nn.Module()
+        outer.add_module(part, inner)
+        outer = inner
+    outer.add_module(parts[-1], module)
+    root.add_module("head", nn.Linear(8, 2))
+    return root
+
+
+@pytest.mark.parametrize("saved_as", ["", "module.", "_orig_mod.", "model.", "module._orig_mod."])
+@pytest.mark.parametrize("nested_at", ["", "backbone", "model.encoder"])
+def test_prefix_alignment_matrix(saved_as: str, nested_at: str) -> None:
+    src = trained_resnet(10)
+    ckpt = {"state_dict": {saved_as + k: v for k, v in src.state_dict().items()}}
+    model = _nest(nested_at, TinyResNet(10))
+    inner = model.get_submodule(nested_at) if nested_at else model
+    report = tfz.load_pretrained(model, ckpt)
+    assert report.loaded == [f"{nested_at}.{k}" if nested_at else k for k in src.state_dict()]
+    assert report.unexpected == [] and report.mismatched == {}
+    assert report.missing == (["head.weight", "head.bias"] if nested_at else [])
+    assert len(report.renamed) == (len(src.state_dict()) if saved_as or nested_at else 0)
+    for k, v in inner.state_dict().items():
+        assert torch.equal(v, src.state_dict()[k]), k
+
+
 def test_no_prefix_games_when_keys_already_match() -> None:
     # the model also contains a 'model.' submodule with the same layout: the exact
     # names win, nothing is moved
