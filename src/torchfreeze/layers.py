@@ -3,7 +3,8 @@
 A model is split into: everything before its main repeated stack (the stem or
 embeddings), each block of that stack, and everything after it (the head).
 The *main stack* is the run of two or more consecutive same-typed children of
-one module that holds the most parameters: BERT's ``encoder.layer``, ViT's
+one module that holds the most parameters (runs of composite blocks first, so
+MiniLM's three embedding tables never beat its six encoder layers): BERT's ``encoder.layer``, ViT's
 blocks, ResNet/ConvNeXt stages (``layer1..layer4`` of torchvision's ResNet, a
 ``ModuleList`` of stages in Hugging Face's). Models without one fall back to
 their top-level children that hold parameters.
@@ -58,6 +59,13 @@ class _Stack:
     parent: str
     children: list[str]
     coverage: int
+    composite: bool
+
+    def rank(self) -> tuple[bool, int, int]:
+        # Blocks are modules with children (BertLayer, a ResNet stage). A run of
+        # leaves (word/position/type embedding tables) may hold more parameters
+        # but is not a stack of blocks; it wins only where no composite run exists.
+        return (self.composite, self.coverage, len(self.children))
 
 
 def _param_ids(m: nn.Module) -> set[int]:
@@ -82,11 +90,9 @@ def _find_stack(idx: ModelIndex) -> _Stack | None:
                     ids |= _param_ids(c)
                 cov = sum(p.numel() for p in idx.params.values() if id(p) in ids)
                 prefix = f"{pname}." if pname else ""
-                cand = _Stack(pname, [prefix + n for n, _ in run], cov)
-                if best is None or (cand.coverage, len(cand.children)) > (
-                    best.coverage,
-                    len(best.children),
-                ):
+                composite = all(any(True for _ in c.children()) for _, c in run)
+                cand = _Stack(pname, [prefix + n for n, _ in run], cov, composite)
+                if best is None or cand.rank() > best.rank():
                     best = cand
             i = j + 1
     return best
