@@ -154,15 +154,20 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _fingerprint(t: torch.Tensor) -> torch.Tensor:
-    """Two 64-bit sums over the bits: a plain one and a position-weighted one.
+    """Two wrapped integer sums over ``t``'s bytes (as 64-bit and as 32-bit words).
 
-    Any optimizer update changes them (a collision needs changes that cancel in
-    both sums); int64 arithmetic wraps, which is fine for a fingerprint.
+    Exact over the bits, one fast pass each (no temporary copies): any single
+    changed value changes the 64-bit sum, and several changes would have to
+    cancel in both sums to go unseen, which optimizer updates do not do.
     """
-    x = _bits(t).to(torch.int64)
-    weights = torch.arange(1, x.numel() + 1, device=x.device, dtype=torch.int64)
-    weights.mul_(0x9E3779B1)
-    return torch.stack([x.sum(), (x * weights).sum()]).cpu()
+    u8 = _bits(t).contiguous().view(torch.uint8)
+    n = u8.numel() // 8 * 8
+    tail = u8[n:].to(torch.int64).sum()
+    if not n:
+        return torch.stack([tail, torch.zeros_like(tail)]).cpu()
+    words = u8[:n].view(torch.int64)
+    halves = words.view(torch.int32).sum(dtype=torch.int32).to(torch.int64)
+    return torch.stack([words.sum() + tail, halves]).cpu()
 
 
 def _max_abs_change(before: torch.Tensor, after: torch.Tensor) -> float:
