@@ -135,7 +135,7 @@ def test_schedule_unfreezes_layer4_at_epoch_1_and_the_head_trains(run3):
 def test_new_group_is_registered_with_the_lr_scheduler(run3):
     opt = run3.trainer.optimizers[0]
     sched = run3.trainer.lr_scheduler_configs[0].scheduler
-    assert [g["name"] for g in opt.param_groups[1:]] == ["unfrozen@1:model.layer4"]
+    assert [g["name"] for g in opt.param_groups[1:]] == ["unfreeze@1"]
     assert len(sched.base_lrs) == 2
     # lr_mult=0.5 of the first group's base, then decayed by the same StepLR
     assert sched.base_lrs[1] == pytest.approx(0.5e-2)

@@ -74,6 +74,11 @@ class _Plan:
         for sel in self.schedule.values():
             select(model, sel)
 
+    def to_freeze(self) -> list[Selector]:
+        """``freeze`` plus every scheduled selection: frozen until its epoch comes."""
+        sels = [] if self.freeze is None else [self.freeze]
+        return sels + list(self.schedule.values())
+
     def due(self, epoch: int, applied: list[int]) -> list[int]:
         """Milestones to apply at the start of ``epoch`` (late ones too, in order)."""
         return [e for e in self.schedule if e <= epoch and e not in applied]

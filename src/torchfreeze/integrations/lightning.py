@@ -17,7 +17,7 @@ What it fixes over ``lightning.pytorch.callbacks.BaseFinetuning``:
 Hook order this relies on (``Trainer._run`` in lightning 2.x): ``setup`` (we
 freeze) -> callback ``load_state_dict`` when resuming (we keep the state) ->
 ``strategy.setup`` (DDP wrap, ``configure_optimizers``) -> ``on_fit_start`` (we
-replay the milestones the checkpoint had reached, adding the same groups) ->
+build a GradualUnfreeze and load its state: the groups the checkpoint had) ->
 ``restore_training_state`` (Lightning loads optimizer and scheduler state into
 groups that now match) -> ``on_train_epoch_start`` (scheduled unfreezing).
 """
@@ -33,13 +33,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..errors import TorchfreezeError
+from ..errors import FreezeStateError, TorchfreezeError
 from ..freeze import freeze as _freeze
-from ..freeze import freeze_state, load_freeze_state, unfreeze
+from ..freeze import freeze_state, load_freeze_state
 from ..norm import BNPolicy
+from ..schedule import GradualUnfreeze
 from ..select import Selector
 from ..summary import summary
-from . import _Plan, _state
+from . import STATE_FORMAT, STATE_VERSION, _Plan
 
 __all__ = ["FreezeCallback"]
 
@@ -57,10 +58,12 @@ class FreezeCallback(Callback):
             ``configure_optimizers`` runs (so an optimizer built from
             ``filter(lambda p: p.requires_grad, self.parameters())`` never sees
             them). ``None``: freeze nothing (the module may come frozen already).
-        schedule: ``{epoch: selectors}``; at the start of each listed epoch
-            (0 = the first) the selection is unfrozen and added to the optimizer
-            as a new param group, registered with the LR scheduler(s) of that
-            optimizer.
+        schedule: ``{epoch: selectors}``, frozen with ``freeze`` until their
+            epoch; at the start of each listed epoch (0 = the first) the selection
+            is unfrozen and added to the optimizer as a new param group,
+            registered with the LR scheduler(s) of that optimizer. This is a
+            :class:`torchfreeze.GradualUnfreeze` built at fit start
+            (``callback.unfreezer``).
         bn: BatchNorm policy of frozen BN layers (``"eval"``, ``"train"``,
             ``"stats"``; see :func:`torchfreeze.freeze`).
         lr: learning rate of each scheduled group.
@@ -94,12 +97,17 @@ class FreezeCallback(Callback):
         self._plan = _Plan(freeze, schedule, bn=bn, lr=lr, lr_mult=lr_mult)
         self.optimizer_index = optimizer_index
         self.verbose = verbose
-        #: epochs whose milestone has been applied, in order
-        self.applied: list[int] = []
         #: the last summary line logged
         self.headline: str | None = None
+        #: the :class:`~torchfreeze.GradualUnfreeze` driving the schedule (from fit start)
+        self.unfreezer: GradualUnfreeze | None = None
         self._module: pl.LightningModule | None = None
         self._pending: dict[str, Any] | None = None
+
+    @property
+    def applied(self) -> list[int]:
+        """Epochs whose milestone has been applied, in order."""
+        return list(self.unfreezer.applied) if self.unfreezer is not None else []
 
     # -- setup and resume -------------------------------------------------
 
@@ -109,41 +117,64 @@ class FreezeCallback(Callback):
         _check_strategy(trainer.strategy)
         self._plan.validate(pl_module)
         self._module = pl_module
-        self.applied = []
+        self.unfreezer = None
         self._pending = None
-        if self._plan.freeze is not None:
-            _freeze(pl_module, self._plan.freeze, bn=self._plan.bn)  # type: ignore[arg-type]
+        if self._plan.to_freeze():
+            _freeze(pl_module, self._plan.to_freeze(), bn=self._plan.bn)  # type: ignore[arg-type]
 
     def state_dict(self) -> dict[str, Any]:
-        fs = freeze_state(self._module) if self._module is not None else None
-        return _state(self.applied, fs)  # type: ignore[arg-type]
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "unfreeze": self.unfreezer.state_dict() if self.unfreezer is not None else None,
+            "freeze_state": freeze_state(self._module) if self._module is not None else None,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Runs before strategy.setup builds the optimizer: only remember the state.
-        # Replaying here would make configure_optimizers put the unfrozen params in
-        # its own groups, and the checkpoint's group structure would not load.
-        self._plan.check_state(state_dict)
+        # Runs before strategy.setup builds the optimizer: only check and remember the
+        # state. Unfreezing here would make configure_optimizers put the unfrozen
+        # parameters in its own groups, and the checkpoint's groups would not load.
+        _check_state(state_dict, list(self._plan.schedule))
         self._pending = dict(state_dict)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pending, self._pending = self._pending, None
-        if pending is not None:
-            for epoch in self._plan.check_state(pending):
-                self._apply(trainer, epoch)
-            if pending.get("freeze_state") is not None:
-                # exact BN policies and anything frozen outside the schedule
-                load_freeze_state(pl_module, pending["freeze_state"])
+        strategy = trainer.strategy
+        if self._plan.schedule:
+            optimizer = self._optimizer(trainer)
+            self.unfreezer = GradualUnfreeze(
+                strategy.model, optimizer, self._plan.schedule, lr=self._plan.lr,
+                lr_mult=self._plan.lr_mult, scheduler=self._scheduler(trainer, optimizer),
+                bn=self._plan.bn,  # type: ignore[arg-type]
+            )
+            if pending is not None and pending.get("unfreeze") is not None:
+                # re-adds the checkpoint's groups (re-wrapping under DDP) before
+                # restore_training_state loads the optimizer and scheduler state
+                self.unfreezer.load_state_dict(pending["unfreeze"])
+                self._sync_wrapper(trainer)
+        if pending is not None and pending.get("freeze_state") is not None:
+            # exact BN policies and anything frozen outside the schedule
+            load_freeze_state(pl_module, pending["freeze_state"])
         self._warn_frozen_in_optimizer(trainer, pl_module)
         self._log(trainer, "")
 
     # -- schedule ---------------------------------------------------------
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        due = self._plan.due(trainer.current_epoch, self.applied)
-        for epoch in due:
-            self._apply(trainer, epoch)
-        if due:
+        if self.unfreezer is None:
+            return
+        if self.unfreezer.step(trainer.current_epoch):
+            self._sync_wrapper(trainer)
             self._log(trainer, f"epoch {trainer.current_epoch}: ")
+
+    def _sync_wrapper(self, trainer: pl.Trainer) -> None:
+        # Under DDP, GradualUnfreeze unfreezes through torchfreeze.distributed, which
+        # builds a new wrapper (DDP only all-reduces the parameters trainable when it
+        # was built) and retires the old one. Lightning runs every step through
+        # strategy.model, so handing it the new wrapper is all the strategy needs.
+        assert self.unfreezer is not None
+        if isinstance(trainer.strategy.model, DistributedDataParallel):
+            trainer.strategy.model = self.unfreezer.model
 
     def _optimizer(self, trainer: pl.Trainer) -> torch.optim.Optimizer:
         opts = trainer.optimizers
@@ -155,37 +186,11 @@ class FreezeCallback(Callback):
             )
         return opts[self.optimizer_index]
 
-    def _apply(self, trainer: pl.Trainer, epoch: int) -> None:
-        module = trainer.lightning_module
-        optimizer = self._optimizer(trainer)
+    @staticmethod
+    def _scheduler(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> Any:
         scheds = [c.scheduler for c in trainer.lr_scheduler_configs
                   if getattr(c.scheduler, "optimizer", None) is optimizer]
-        if len(scheds) > 1:
-            raise TorchfreezeError(
-                f"the optimizer that receives the epoch-{epoch} group drives {len(scheds)} LR "
-                "schedulers; FreezeCallback registers new groups with one. Combine them "
-                "(e.g. SequentialLR) or set optimizer_index."
-            )
-        sel = self._plan.schedule[epoch]
-        options: dict[str, Any] = {
-            "optimizer": optimizer,
-            "lr": self._plan.lr,
-            "lr_mult": self._plan.lr_mult,
-            "scheduler": scheds[0] if scheds else None,
-            "group_name": f"unfrozen@{epoch}:{sel if isinstance(sel, str) else 'schedule'}",
-        }
-        strategy = trainer.strategy
-        if isinstance(strategy.model, DistributedDataParallel):
-            # DDP only all-reduces the parameters trainable when it was built:
-            # torchfreeze.distributed re-wraps with the same construction arguments
-            # (checking first that every rank agrees) and retires the old wrapper;
-            # Lightning calls strategy.model for every step, so swapping it suffices.
-            from .. import distributed
-
-            strategy.model = distributed.unfreeze(strategy.model, sel, **options)
-        else:
-            unfreeze(module, sel, **options)
-        self.applied.append(epoch)
+        return scheds[0] if len(scheds) == 1 else (scheds or None)
 
     # -- reporting --------------------------------------------------------
 
@@ -208,6 +213,21 @@ class FreezeCallback(Callback):
         self.headline = summary(trainer.lightning_module, opt).headline
         if self.verbose:
             rank_zero_info(f"torchfreeze: {prefix}{self.headline}")
+
+
+def _check_state(state: Any, milestones: list[int]) -> None:
+    if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+        raise FreezeStateError(
+            "the checkpoint's FreezeCallback state is not one torchfreeze wrote (expected "
+            f"format {STATE_FORMAT!r}). Resume from a checkpoint of a run with this callback."
+        )
+    saved = (state.get("unfreeze") or {}).get("milestones", [])
+    if list(saved) != milestones:
+        raise FreezeStateError(
+            f"the checkpoint was trained with unfreeze milestones at epochs {list(saved)}, "
+            f"but this callback's schedule has {milestones}. Resume with the same schedule "
+            "the checkpoint was trained with."
+        )
 
 
 def _check_strategy(strategy: Any) -> None:

@@ -62,7 +62,8 @@ class FreezeCallback(TrainerCallback, ExportableState):
 
     Args:
         freeze: selectors frozen when the Trainer is created.
-        schedule: ``{epoch: selectors}``; at the start of each listed epoch
+        schedule: ``{epoch: selectors}``, frozen with ``freeze`` until their epoch;
+            at the start of each listed epoch
             (0 = the first) the selection is unfrozen and added to the Trainer's
             optimizer and LR scheduler.
         bn: BatchNorm policy of frozen BN layers (see :func:`torchfreeze.freeze`).
@@ -116,8 +117,8 @@ class FreezeCallback(TrainerCallback, ExportableState):
         self._plan.validate(model)
         self._model = model
         self.applied = []
-        if self._plan.freeze is not None:
-            _freeze(model, self._plan.freeze, bn=self._plan.bn)  # type: ignore[arg-type]
+        if self._plan.to_freeze():
+            _freeze(model, self._plan.to_freeze(), bn=self._plan.bn)  # type: ignore[arg-type]
         trainer = _calling_trainer()
         if trainer is not None:
             self._trainer = weakref.ref(trainer)
