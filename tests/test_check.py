@@ -131,6 +131,19 @@ def test_diagnosis_is_a_sequence_with_table_dict_and_raise() -> None:
     assert [f.code for f in err.value.findings] == ["frozen-in-optimizer", "stale-grad"]
 
 
+def test_code_membership_and_bad_arguments() -> None:
+    net = _conv_net()
+    tfz.freeze(net)
+    diag = tfz.check(net)
+    assert "all-frozen" in diag and "stale-grad" not in diag and diag[0] in diag
+    assert diag.to_dict()["ok"] is False and diag.to_dict()["codes"] == ["all-frozen"]
+    with pytest.raises(TorchfreezeError, match="expects the model .* got SGD"):
+        tfz.check(torch.optim.SGD(net.parameters(), lr=0.1))  # type: ignore[arg-type]
+    groups = tfz.param_groups(_conv_net(), lr=0.1)
+    with pytest.raises(TorchfreezeError, match="got list without a param_groups list"):
+        tfz.check(net, [groups])
+
+
 def test_check_changes_nothing() -> None:
     net = _conv_net()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)

@@ -192,6 +192,18 @@ def test_unchanged_trainable_names_a_layer_that_does_not_learn() -> None:
     assert "trainable but never moved: block.0.weight" in str(report)
 
 
+def test_one_ulp_counts_as_moved_for_trainable_and_frozen() -> None:
+    net = conv_net()
+    tfz.freeze(net, "stem")
+    with tfz.verify(net) as report, torch.no_grad():
+        for p in (net.stem[0].weight, net.head[2].weight):
+            p[0, 0] = torch.nextafter(p[0, 0], torch.tensor(float("inf")))
+    assert report.changed_frozen == ["stem.0.weight"]
+    assert 0 < report.max_abs_change["stem.0.weight"] < 1e-6
+    assert "head.2.weight" not in report.unchanged_trainable
+    assert "head.2.bias" in report.unchanged_trainable
+
+
 def test_unfrozen_inside_the_block_is_not_counted() -> None:
     net = conv_net()
     tfz.freeze(net, "stem", "block")

@@ -145,6 +145,15 @@ class Diagnosis(Report, Sequence):  # type: ignore[misc]
     def __iter__(self) -> Iterator[Finding]:
         return iter(self.findings)
 
+    def __contains__(self, item: object) -> bool:
+        """``"stale-grad" in diagnosis`` tests for a code; a Finding tests membership."""
+        if isinstance(item, str):
+            return any(f.code == item for f in self.findings)
+        return item in self.findings
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "codes": list(self.codes), **super().to_dict()}
+
     @property
     def codes(self) -> tuple[str, ...]:
         """The distinct codes found, in report order."""
@@ -345,13 +354,25 @@ def check(
         ...     print(str(err).splitlines()[0])
         tfz.check found 1 error in this fine-tuning set-up:
     """
-    idx = ModelIndex(model)
+    if not isinstance(model, nn.Module):
+        raise TorchfreezeError(
+            f"tfz.check() expects the model (an nn.Module) first, got {type(model).__name__}. "
+            "Call it as tfz.check(model, optimizer, scheduler)."
+        )
     if optimizer is None:
         optimizers: list[Any] = []
     elif isinstance(optimizer, (list, tuple)):
         optimizers = list(optimizer)
     else:
         optimizers = [optimizer]
+    for opt in optimizers:
+        if not isinstance(getattr(opt, "param_groups", None), list):
+            raise TorchfreezeError(
+                f"tfz.check(): optimizer must be a torch optimizer (or a list of them), got "
+                f"{type(opt).__name__} without a param_groups list. Pass the optimizer "
+                "object itself, not its param groups or state_dict."
+            )
+    idx = ModelIndex(model)
     findings: list[Finding] = []
     notes: list[str] = []
     findings += _check_all_frozen(idx)
