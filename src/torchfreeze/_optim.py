@@ -17,7 +17,8 @@ schedule where it currently stands: its current ``lr`` is its base times the
 first group's ``lr / base`` ratio, and every other per-group LR value
 (``max_lr``, ``min_lr``, ``base_lrs``, ``max_lrs``) is the first group's scaled by
 the same factor. Absolute floors (ReduceLROnPlateau's ``min_lrs``,
-CosineAnnealingLR's ``eta_min``) are shared, not scaled.
+CosineAnnealingLR's ``eta_min``) are shared, not scaled, and LambdaLR and
+MultiplicativeLR give the new group the first group's lambda.
 """
 
 from __future__ import annotations

@@ -179,7 +179,7 @@ class GradualUnfreeze:
 
             self.model = distributed.unfreeze(
                 self.model, self.schedule[milestone], optimizer=self.optimizer, lr=self.lr,
-                lr_mult=self.lr_mult, scheduler=self.scheduler,
+                lr_mult=self.lr_mult, scheduler=self.scheduler, group_name=name,
             )
         else:
             unfreeze(
@@ -272,7 +272,7 @@ class GradualUnfreeze:
             for g in state.get("groups", []):
                 self.model = distributed.unfreeze(
                     self.model, list(g["param_names"]), optimizer=self.optimizer, lr=self.lr,
-                    lr_mult=self.lr_mult, scheduler=self.scheduler,
+                    lr_mult=self.lr_mult, scheduler=self.scheduler, group_name=str(g["name"]),
                 )
         else:
             commits = [
