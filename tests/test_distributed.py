@@ -113,6 +113,8 @@ def _ddp_scenarios(rank: int) -> dict[str, Any]:
     differ = "module.1" if rank == 0 else "module.1.weight"
     out["differ"] = _outcome(lambda: tfd.unfreeze(ddp, differ, optimizer=opt))
     out["freeze_all"] = _outcome(lambda: tfd.freeze(ddp))
+    out["bad_scheduler"] = _outcome(lambda: tfd.unfreeze(ddp, "module.1", optimizer=opt,
+                                                         scheduler=object()))
     out["unchanged"] = (flags == [p.requires_grad for p in model.parameters()]
                         and n_groups == len(opt.param_groups))
     _train(ddp, opt, rank, steps=1)  # the wrapper still works after the failed calls
@@ -134,6 +136,11 @@ def _ddp_scenarios(rank: int) -> dict[str, Any]:
     out["bn_training_after_train"] = (ddp.train(), model[1].training)[1]
     _train(ddp, opt, rank)
     out["freeze_before"], out["freeze_after"] = before, _state(model)
+    probe = DDP(model)
+    probe._register_builtin_comm_hook(dist.BuiltinCommHookType.FP16_COMPRESS)
+    flags = [p.requires_grad for p in model.parameters()]
+    out["builtin_hook"] = _outcome(lambda: tfd.unfreeze(probe, "0"))
+    out["builtin_unchanged"] = flags == [p.requires_grad for p in model.parameters()]
 
     # 5. GradualUnfreeze re-wraps at each milestone; gu.model is the current wrapper
     model = _net()
@@ -196,6 +203,13 @@ def test_rewrap_keeps_every_construction_argument(ddp_run) -> None:
     assert r0["freeze_hooks"] == ["allreduce_hook"]
 
 
+def test_settings_that_cannot_be_rebuilt_are_refused_before_any_change(ddp_run) -> None:
+    for r in ddp_run:
+        assert r["builtin_hook"].startswith("DistributedFreezeError")
+        assert "built-in communication hook" in r["builtin_hook"]
+        assert r["builtin_unchanged"]
+
+
 def test_replaced_wrapper_refuses_to_run(ddp_run) -> None:
     assert ddp_run[0]["stale_wrapper"].startswith("DistributedFreezeError: this Distributed")
     assert "use the wrapper that call returned" in ddp_run[0]["stale_wrapper"]
@@ -218,6 +232,7 @@ def test_selector_error_on_one_rank_stops_every_rank(ddp_run) -> None:
     for r in ddp_run:
         assert "called differently on rank 0 and rank 1" in r["differ"]
         assert "no trainable parameter" in r["freeze_all"]
+        assert r["bad_scheduler"].startswith("SchedulerError")
     for name in r0["after_errors"]:  # and the job trains on, in sync
         assert torch.equal(r0["after_errors"][name], r1["after_errors"][name]), name
 

@@ -14,9 +14,12 @@ they are about to do (one small ``all_gather_object``); if any rank's selectors
 fail, or the ranks disagree, every rank raises and nothing is changed anywhere,
 instead of one rank waiting forever in a broadcast.
 
-Cost of one re-wrap: one broadcast of every trainable parameter (and buffer,
-when ``broadcast_buffers``) from rank 0, as in any DDP construction, plus
-building a new reducer; measured by ``bench/bench_rewrap.py``. The old
+Cost of one re-wrap: what any DDP construction costs, one broadcast from rank
+0 of every parameter (frozen ones too) and, with ``broadcast_buffers``, every
+buffer, plus building a new reducer; and one small ``all_gather_object``.
+``bench/bench_rewrap.py`` measures it: on 2 CPU ranks (gloo) a MiniLM-sized
+BERT (86 MiB) re-wraps in about 1.2x the time of a plain
+``DistributedDataParallel(model)``, under one training step. The old
 wrapper is disabled: its reducer hooks are removed and calling it raises
 :class:`~torchfreeze.errors.DistributedFreezeError`.
 
