@@ -257,7 +257,7 @@ def _compact(names: Sequence[str], idx: ModelIndex) -> list[str]:
             covered[mod_name] = bool(ps) and all(id(p) in chosen for p in ps)
         return covered[mod_name]
 
-    out: list[str] = []
+    out: dict[str, None] = {}  # ordered set
     for name in names:
         parts = name.split(".")
         pick = name
@@ -266,9 +266,8 @@ def _compact(names: Sequence[str], idx: ModelIndex) -> list[str]:
             if whole(prefix):
                 pick = prefix
                 break
-        if pick not in out:
-            out.append(pick)
-    return out
+        out[pick] = None
+    return list(out)
 
 
 def _selector_text(names: Sequence[str], limit: int = 4) -> str:
