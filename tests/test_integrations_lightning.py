@@ -254,3 +254,14 @@ def test_importing_torchfreeze_imports_no_trainer_library():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_one_line_summary_is_logged_at_fit_start(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        _trainer(tmp_path, 1, callbacks=[FreezeCallback(freeze=FROZEN)],
+                 enable_checkpointing=False, limit_train_batches=1).fit(Classifier(), _data())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("torchfreeze:")]
+    # only the head (fc: 4 * 3 + 3) trains; 739 parameters in all
+    assert lines == ["torchfreeze: trainable 15 / 739 (2.0%), 1 group"]

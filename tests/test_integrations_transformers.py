@@ -182,3 +182,15 @@ def test_unsupported_settings_are_refused(tmp_path):
     trainer.add_callback(FreezeCallback(freeze=FREEZE))
     with pytest.raises(TorchfreezeError, match="callbacks=\\[cb\\]"):
         trainer.train()
+
+
+def test_one_line_summary_is_printed_at_train_start(tmp_path, capsys):
+    model = _model()
+    args = _args(tmp_path, max_steps=1, save_strategy="no")
+    Trainer(model=model, args=args, train_dataset=_Data(),
+            callbacks=[FreezeCallback(freeze=FREEZE)]).train()
+    out = capsys.readouterr().out
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    headline = tfz.summary(model).headline  # "trainable 9.9 k / 55.0 k (18.0%)"
+    assert trainable < sum(p.numel() for p in model.parameters())
+    assert f"torchfreeze: {headline}, 2 groups" in out.splitlines()
