@@ -534,6 +534,7 @@ def test_dropout_in_frozen_bert_encoder() -> None:
     (f,) = tfz.check(model).find("dropout-in-frozen")
     assert f.severity == "info" and f.where == "bert"
     assert any(n.endswith("dropout") for n in f.names)
+    assert "tfz.FeatureCache(model.get_submodule('bert'), pin_eval=True)" in f.fix
     model.bert.eval()
     assert tfz.check(model).find("dropout-in-frozen") == []
 

@@ -837,8 +837,10 @@ def _check_dropout(idx: ModelIndex) -> list[Finding]:
             f"({_short(drops, 2)}): train mode randomises its output every step. Often "
             "wanted (regularisation), but the frozen features are then not deterministic and "
             "cannot be cached.",
-            f"to use it as a fixed feature extractor, call model.get_submodule('{name}').eval() "
-            "after each model.train() (tfz.FeatureCache needs that)",
+            "keep it if you want the regularisation; for a fixed feature extractor, "
+            f"tfz.FeatureCache(model.get_submodule('{name}'), pin_eval=True) keeps it in eval "
+            "through every model.train() (and caches its output), or call .eval() on it after "
+            "each model.train()",
             names=tuple(drops),
         ))
     return out
