@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -123,6 +124,14 @@ class FreezeCallback(TrainerCallback, ExportableState):
         if trainer is not None:
             self._trainer = weakref.ref(trainer)
             _patch_create_optimizer(trainer, self)
+        elif self._plan.schedule:
+            warnings.warn(
+                "FreezeCallback could not find the Trainer that fired on_init_end, so "
+                "train(resume_from_checkpoint=...) from a checkpoint saved after an unfreeze "
+                "milestone will fail to load the optimizer state, and new groups will not be "
+                "split by weight decay. Use transformers.Trainer (or a subclass).",
+                stacklevel=2,
+            )
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
                        optimizer: Any = None, **kwargs: Any) -> None:
