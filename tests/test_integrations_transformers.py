@@ -87,7 +87,7 @@ def run2(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf")
     model = _model()
     before = _snap(model)
-    cb, spy = FreezeCallback(freeze=FREEZE, schedule=SCHEDULE), _Spy()
+    cb, spy = FreezeCallback(freeze=FREEZE, schedule=SCHEDULE, lr_mult=0.5), _Spy()
     trainer = Trainer(model=model, args=_args(out), train_dataset=_Data(),
                       callbacks=[cb, spy])
     trainer.train()
@@ -135,7 +135,8 @@ def test_new_groups_follow_the_trainers_lr_scheduler(run2):
     assert len(sched.lr_lambdas) == len(sched.base_lrs) == 4
     # linear decay to 0 over 8 steps: every group, new ones included, ends at 0
     assert [g["lr"] for g in opt.param_groups] == [0.0] * 4
-    assert sched.base_lrs == [pytest.approx(1e-3)] * 4
+    # lr_mult=0.5 of args.learning_rate, under the Trainer's own linear schedule
+    assert sched.base_lrs == [pytest.approx(v) for v in (1e-3, 1e-3, 5e-4, 5e-4)]
     assert run2.cb.applied == [1]
     assert run2.cb.headline.endswith("4 groups")
 
@@ -143,7 +144,7 @@ def test_new_groups_follow_the_trainers_lr_scheduler(run2):
 def test_resume_after_the_milestone_matches_the_uninterrupted_run(run2, tmp_path):
     # checkpoint-6 is mid epoch 1, after layer 1 was unfrozen: its optimizer.pt has 4 groups
     model = _model()
-    cb = FreezeCallback(freeze=FREEZE, schedule=SCHEDULE)
+    cb = FreezeCallback(freeze=FREEZE, schedule=SCHEDULE, lr_mult=0.5)
     trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_Data(), callbacks=[cb])
     trainer.train(resume_from_checkpoint=str(run2.out / "checkpoint-6"))
     after = _snap(model)
@@ -156,7 +157,7 @@ def test_resume_after_the_milestone_matches_the_uninterrupted_run(run2, tmp_path
 
 def test_resume_before_the_milestone_applies_it_on_time(run2, tmp_path):
     model = _model()
-    cb = FreezeCallback(freeze=FREEZE, schedule=SCHEDULE)
+    cb = FreezeCallback(freeze=FREEZE, schedule=SCHEDULE, lr_mult=0.5)
     trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_Data(), callbacks=[cb])
     trainer.train(resume_from_checkpoint=str(run2.out / "checkpoint-2"))
     after = _snap(model)
@@ -169,6 +170,18 @@ def test_typo_fails_when_the_trainer_is_built(tmp_path):
         Trainer(model=model, args=_args(tmp_path), train_dataset=_Data(),
                 callbacks=[FreezeCallback(freeze=FREEZE, schedule={1: "bert.encodr.layer.1"})])
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_user_optimizer_holding_frozen_params_is_refused(tmp_path):
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=_Data(),
+                      optimizers=(opt, sched), callbacks=[FreezeCallback(freeze=FREEZE)])
+    before = _snap(model)
+    with pytest.raises(TorchfreezeError, match="frozen parameters .* are in the optimizer"):
+        trainer.train()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_unsupported_settings_are_refused(tmp_path):
