@@ -289,6 +289,7 @@ class FeatureCache:
         self._dir_finalizer: weakref.finalize | None = None
         self._active: list[Hashable] | None = None
         self._fingerprint = self._take_fingerprint()
+        self._fast_fingerprint: tuple[int, ...] = ()
 
         # The wrapper is an instance attribute: nn.Module.__call__ looks `forward` up on
         # the instance, so the user's model code and its hooks stay as they are.
@@ -430,6 +431,24 @@ class FeatureCache:
             for name, t in (*m.named_parameters(), *m.named_buffers())
         }
 
+    def _scan(self) -> None:
+        """Every-call checks in one cheap walk (no names); names only on a finding."""
+        fast: list[int] = []
+        for m in self._module.modules():
+            if m.training and (isinstance(m, _DROPOUT) or is_batchnorm(m)):
+                self._check_deterministic()
+            for tensors in (m._parameters, m._buffers):
+                for t in tensors.values():
+                    if t is None:
+                        continue
+                    if t.requires_grad and isinstance(t, nn.Parameter):
+                        self._check_frozen()
+                    fast += (id(t), t.data_ptr(), t._version)
+        key = tuple(fast)
+        if key != self._fast_fingerprint:
+            self._fast_fingerprint = key
+            self._check_fingerprint()
+
     def _check_fingerprint(self) -> None:
         now = self._take_fingerprint()
         if now == self._fingerprint:
@@ -483,9 +502,7 @@ class FeatureCache:
     def _cached_forward(self, ids: list[Hashable], args: tuple[Any, ...],
                         kwargs: dict[str, Any]) -> Any:
         batch = len(ids)
-        self._check_frozen()
-        self._check_deterministic()
-        self._check_fingerprint()
+        self._scan()
         tensors = list(_tensors_in(args, kwargs))
         if not any(_is_batched(t, batch) for t in tensors):
             shapes = ", ".join(str(tuple(t.shape)) for t in tensors) or "no tensors"
