@@ -238,7 +238,7 @@ def _check_strategy(strategy: Any) -> None:
         raise TorchfreezeError(
             f"FreezeCallback does not support the {type(strategy).__name__} strategy: it shards "
             "parameters or owns the optimizer, so changing requires_grad and adding param groups "
-            "during training would desynchronise it. Supported: single device, 'ddp' "
-            "(and 'ddp_spawn'/'ddp_fork'). For FSDP, freeze before wrapping and keep the frozen "
-            "set fixed (no schedule) in your own training step."
+            "during training would desynchronise it. Supported: a single device and "
+            "DDPStrategy ('ddp'). For FSDP2 in your own loop, freeze before fully_shard "
+            "(see torchfreeze.distributed)."
         )
