@@ -319,7 +319,38 @@ def _fsdp_scenarios(rank: int) -> dict[str, Any]:
     out["max_diff"] = max((got[k] - want[k]).abs().max().item() for k in want)
     out["unfrozen_moved"] = not torch.equal(got["0.weight"], after["0.weight"])
     out["bn_still_frozen"] = torch.equal(got["1.running_mean"], after["1.running_mean"])
+
+    # freeze after sharding: in place, the frozen shards stop moving
+    tfd.freeze(model, "3")
+    _train(model, opt, rank, steps=1)
+    final = _state(model)
+    out["refrozen_moved"] = [k for k in ("3.weight", "3.bias") if not torch.equal(got[k], final[k])]
+    out["others_moved"] = not torch.equal(got["5.weight"], final["5.weight"])
+
+    # MixedPrecisionPolicy: a unit wholly frozen at its first forward
+    for how in ("tfz", "tfz_dist"):
+        out[f"mp_{how}"] = _outcome(lambda how=how: _mixed_precision_unfreeze(how))
     return out
+
+
+def _mixed_precision_unfreeze(how: str) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    tfz.freeze(model, "0")
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for m in (model[0], model[2], model):
+        fully_shard(m, mp_policy=policy)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    x = torch.randn(8, 4)
+    model(x).float().pow(2).mean().backward()  # lazy init: unit 0 has nothing trainable
+    opt.step()
+    opt.zero_grad()
+    (tfz.unfreeze if how == "tfz" else tfd.unfreeze)(model, "0", optimizer=opt)
+    model(x).float().pow(2).mean().backward()
+    assert model[0].weight.grad.dtype == torch.float32  # reduced in fp32, cast back
+    opt.step()
 
 
 def _full_optim_state(opt: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
@@ -355,6 +386,17 @@ def test_fsdp2_unfreeze_after_sharding_matches_single_process_training(fsdp_run)
         assert r["unfrozen_moved"]
         assert r["bn_still_frozen"]
         assert r["max_diff"] < 1e-5  # gradients of the unfrozen layer were averaged over ranks
+        assert r["refrozen_moved"] == []
+        assert r["others_moved"]
+
+
+def test_fsdp2_unfreeze_after_sharding_under_mixed_precision(fsdp_run) -> None:
+    # FSDP2 fixes each unit's gradient dtypes at its first forward; plain requires_grad
+    # flips then fail in backward. torchfreeze.distributed recomputes them.
+    for r in fsdp_run:
+        assert r["mp_tfz"].startswith("RuntimeError"), r["mp_tfz"]
+        assert "grad_dtype" in r["mp_tfz"]
+        assert r["mp_tfz_dist"] == "ok"
 
 
 # ---------------------------------------------------------------------------

@@ -45,9 +45,9 @@ gradient and are never reduce-scattered, and :func:`torchfreeze.verify` and
 ``fully_shard`` module on every rank between steps: FSDP2 reads each sharded
 parameter's ``requires_grad`` at every all-gather, so no re-wrap is needed;
 these functions add the cross-rank agreement check and recompute FSDP2's
-per-unit gradient dtypes (a unit that was wholly frozen at its first forward
-would otherwise reduce new gradients in the low-precision dtype under a
-``MixedPrecisionPolicy``).
+per-unit gradient dtypes (under a ``MixedPrecisionPolicy``, unfreezing a unit
+that was wholly frozen at its first forward with a plain ``requires_grad``
+flip makes the next backward fail: FSDP2 fixed that unit's dtypes then).
 """
 
 from __future__ import annotations
@@ -236,9 +236,10 @@ def _fsdp_group(model: nn.Module) -> Any:
 
 def _refresh_fsdp(model: nn.Module) -> None:
     """FSDP2 takes each unit's gradient dtypes from the parameters trainable at its
-    lazy init; a unit wholly frozen then has none, and under a MixedPrecisionPolicy
-    its newly trainable gradients would be reduced in the low-precision dtype and
-    never cast back. Recompute them from the current trainable set."""
+    lazy init (first forward); a unit wholly frozen then has none, and under a
+    MixedPrecisionPolicy the next backward after unfreezing it fails (a bf16
+    gradient assigned to an fp32 parameter). Recompute them from the current
+    trainable set."""
     fsdp = _fsdp_module_class()
     for m in model.modules():
         if fsdp is None or not isinstance(m, fsdp):
