@@ -4,9 +4,11 @@ DDP builds its gradient reducer once, for the parameters that require grad
 *when the wrapper is constructed*. Flip ``requires_grad`` afterwards and the
 newly trainable parameters get a gradient on every rank but are never
 all-reduced: each rank steps with its own gradient and the replicas silently
-drift apart (and a newly frozen one makes the reducer wait for a gradient that
-never comes). :func:`unfreeze` and :func:`freeze` change ``requires_grad`` on
-``ddp.module`` and build a new wrapper with the same construction arguments.
+drift apart. Freezing one afterwards fails at the next iteration instead
+("Expected to have finished reduction in the prior iteration": the reducer
+waits for a gradient that never comes). :func:`unfreeze` and :func:`freeze`
+change ``requires_grad`` on ``ddp.module`` and build a new wrapper with the
+same construction arguments.
 
 Both are *collective*: every rank must call them, with the same selectors, at
 the same point of the program. Before anything changes the ranks exchange what
@@ -32,8 +34,10 @@ bucket is kept), ``bucket_cap_mb_list``, ``find_unused_parameters``,
 ``batched_grad_copy``; plus the wrapper's train/eval flag and communication
 hooks registered with ``register_comm_hook`` whose state is ``None`` or a
 process group. Parameters to ignore are read again from the module, as DDP
-does. Settings that cannot be carried over safely (``mixed_precision``,
-delayed all-reduce parameters, built-in or stateful communication hooks, a
+does. ``init_sync`` is not stored by DDP: the new wrapper always syncs from
+rank 0 (parameters are identical across ranks at that point anyway).
+Settings that cannot be carried over safely (``mixed_precision``, delayed
+all-reduce parameters, built-in or stateful communication hooks, a
 buffer communication hook, hooks on the wrapper itself) raise
 :class:`~torchfreeze.errors.DistributedFreezeError` before anything changes.
 
@@ -347,6 +351,8 @@ def _retire(old: DistributedDataParallel) -> None:
     remove = getattr(old, "_remove_autograd_hooks", None)
     if remove is not None:
         remove()
+    for handle in getattr(old, "_accum_grad_hooks", []):  # the compiled-DDP reducer's hooks
+        handle.remove()
     object.__setattr__(old, _REPLACED_ATTR, True)
 
     def _refuse(*_: Any, **__: Any) -> None:
@@ -499,10 +505,10 @@ def freeze(
     """
     kind, module, selectors, exclude, kwargs, group = _prepare(model, "freeze", selectors,
                                                               exclude)
-    _check_bn(bn)
     error: Exception | None = None
     plan: Any = None
     try:
+        _check_bn(bn)
         idx = ModelIndex(module)
         sel = resolve(module, selectors, exclude=exclude, index=idx)
         kept: set[int] = set()
