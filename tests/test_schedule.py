@@ -223,3 +223,13 @@ def test_doctests() -> None:
 
     result = doctest.testmod(torchfreeze.schedule)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_later_milestone_already_in_the_optimizer_is_reported() -> None:
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # everything, block included
+    with pytest.warns(UserWarning, match=r"schedule\[2\] selects 4 parameters that are already"):
+        gu = tfz.GradualUnfreeze(model, opt, {0: "head", 2: "block"}, lr_mult=0.1)
+    assert not model.block[0].weight.requires_grad
+    gu.step(2)
+    assert model.block[0].weight.requires_grad and len(opt.param_groups) == 1

@@ -3,8 +3,8 @@
 :func:`param_groups` returns plain param-group dicts that any ``torch.optim``
 optimizer accepts. Every trainable parameter lands in exactly one group (tied
 weights once, by identity), frozen parameters in none, and groups with
-identical settings are merged so that foreach/fused optimizers stay fast
-(their kernels run once per group).
+identical settings are merged so that fused (and, on GPU, foreach) optimizers
+stay fast: their kernels run once per group.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ structure it built, so a run resumed in this order continues bit for bit::
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -72,7 +73,9 @@ class GradualUnfreeze:
     :func:`torchfreeze.distributed.unfreeze`, which re-wraps the model:
     ``gu.model`` is always the *current* wrapper, use it for the forward pass
     after each :meth:`step`. (Freeze the scheduled selections before wrapping;
-    construction does not change a DDP model.)
+    construction does not change a DDP model.) Parameters that no milestone
+    selects are left as they are: freeze them yourself first (e.g.
+    ``tfz.freeze(model)``, then unfreeze the head and build the optimizer).
 
     Args:
         model: the model (or a DDP wrapper).
@@ -146,6 +149,19 @@ class GradualUnfreeze:
         self.applied: list[int] = []
         self.groups: list[dict[str, Any]] = []
         self._initial_groups = len(optimizer.param_groups)
+        in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        for epoch, sel in list(selections.items())[1:]:
+            already = [n for n, p in zip(sel.param_names, sel.params) if id(p) in in_opt]
+            if already:
+                warnings.warn(
+                    f"schedule[{epoch}] selects {len(already)} parameters that are already in "
+                    f"the optimizer ({', '.join(already[:3])}{', ...' if len(already) > 3 else ''}"
+                    "): they are frozen until epoch "
+                    f"{epoch} but keep their current group, so lr/lr_mult does not apply to them. "
+                    "Build the optimizer over the initially trainable parameters only.",
+                    UserWarning,
+                    stacklevel=2,
+                )
         if not _is_ddp(model):
             freeze(model, [s.param_names for s in selections.values()], bn=bn)
 
