@@ -208,3 +208,21 @@ def test_prepare_validates_options() -> None:
     with pytest.raises(TorchfreezeError, match="2 parameters but 1 names"):
         prepare_new_group(opt, list(net[0].parameters()), ["0.weight"], name="x")
     assert len(opt.param_groups) == 1
+
+
+def test_hugging_face_warmup_schedule_and_a_list_of_schedulers() -> None:
+    from transformers import get_linear_schedule_with_warmup
+
+    net, opt = _setup(torch.optim.AdamW)
+    warmup = get_linear_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=10)
+    step = lrs.StepLR(opt, step_size=3, gamma=0.5)
+    for _ in range(3):
+        _train_step(net, opt)
+        warmup.step()
+    tfz.unfreeze(net, "0", optimizer=opt, lr_mult=0.5, scheduler=[warmup, step])
+    assert warmup.base_lrs == step.base_lrs == [0.1, 0.05]
+    for _ in range(3):
+        _train_step(net, opt)
+        warmup.step()
+        step.step()
+        assert opt.param_groups[1]["lr"] == pytest.approx(0.5 * opt.param_groups[0]["lr"])
