@@ -161,6 +161,25 @@ def _ddp_scenarios(rank: int) -> dict[str, Any]:
                               wrappers[2] is not wrappers[1])
     out["gu_lrs"] = [g["lr"] for g in opt.param_groups]
     out["gu_start"], out["gu_end"] = start, _state(model)
+
+    # 6. a real architecture: BERT (from a small config), unfreeze its last encoder layer
+    from ._models import tiny_bert
+
+    torch.manual_seed(0)
+    bert = tiny_bert()
+    tfz.freeze(bert, "bert")  # pretrained backbone frozen, classifier trains
+    ddp = DDP(bert)
+    opt = torch.optim.AdamW([p for p in bert.parameters() if p.requires_grad], lr=1e-2)
+    gen = torch.Generator().manual_seed(300 + rank)
+    start = _state(bert)
+    for step in range(3):
+        if step == 1:
+            ddp = tfd.unfreeze(ddp, "module.bert.encoder.layer.3", optimizer=opt, lr_mult=0.5)
+        ids, labels = torch.randint(0, 100, (4, 16), generator=gen), torch.randint(0, 3, (4,))
+        ddp(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    out["bert_start"], out["bert_end"] = start, _state(bert)
     return out
 
 
@@ -259,6 +278,16 @@ def test_gradual_unfreeze_under_ddp_two_milestones_ranks_identical(ddp_run) -> N
         assert torch.equal(r0["gu_end"][name], r1["gu_end"][name]), name
     for name in ("0.weight", "3.weight", "5.weight"):  # every milestone's layer trained
         assert not torch.equal(r0["gu_end"][name], r0["gu_start"][name]), name
+
+
+def test_bert_last_layer_unfrozen_under_ddp_stays_in_sync(ddp_run) -> None:
+    r0, r1 = ddp_run
+    for name in r0["bert_end"]:
+        assert torch.equal(r0["bert_end"][name], r1["bert_end"][name]), name
+    moved = {n for n in r0["bert_end"] if not torch.equal(r0["bert_end"][n], r0["bert_start"][n])}
+    assert "bert.encoder.layer.3.attention.self.query.weight" in moved
+    assert "classifier.weight" in moved
+    assert all(n.startswith(("bert.encoder.layer.3.", "classifier.")) for n in moved), moved
 
 
 def test_distributed_functions_refuse_plain_modules() -> None:
