@@ -544,8 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Needs the demo extra: pip install 'torchfreeze[demo]'."
         ),
     )
-    demo.add_argument("--epochs", type=int, default=6, metavar="N",
-                      help="fine-tuning epochs per strategy (default: 6)")
+    demo.add_argument("--epochs", type=int, default=4, metavar="N",
+                      help="fine-tuning epochs per strategy (default: 4)")
     demo.add_argument("--strategies", metavar="LIST",
                       help="comma-separated subset of: linear-probe, head-cached, gradual, "
                            "full, scratch (default: all)")
