@@ -39,9 +39,12 @@ def plot_demo(payload: dict[str, Any], path: str | os.PathLike[str]) -> None:
     results = payload["strategies"]
     fig = figure_cls(figsize=(12, 4.6), layout="constrained")
     ax_acc, ax_heat = fig.subplots(1, 2, width_ratios=[1, 1.15])
-    for r in results.values():
+    for key, r in results.items():
         curve = [100 * a for a in r["accuracy_per_epoch"]]
-        ax_acc.plot(range(1, len(curve) + 1), curve, marker="o", label=r["label"])
+        # the cached head trains on the very same numbers as the linear probe: dashed,
+        # so the identical curve underneath stays visible
+        style = {"linestyle": "--", "marker": "x"} if key == "head-cached" else {"marker": "o"}
+        ax_acc.plot(range(1, len(curve) + 1), curve, label=r["label"], **style)
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("test accuracy on digits 5-9 (%)")
     ax_acc.set_title("Fine-tuning from the 0-4 checkpoint vs. from scratch")
@@ -52,16 +55,26 @@ def plot_demo(payload: dict[str, Any], path: str | os.PathLike[str]) -> None:
     labels = [r["label"] for r in results.values()]
     layers = list(next(iter(results.values()))["relative_weight_change"])
     values = [[r["relative_weight_change"][name] for name in layers] for r in results.values()]
-    image = ax_heat.imshow(values, cmap="magma_r", aspect="auto", vmin=0.0)
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.colors import LogNorm
+
+    # log scale: the new head moves ~100x more than the backbone; exact zeros (frozen)
+    # are masked and drawn in their own colour
+    grid = np.ma.masked_equal(np.asarray(values, dtype=float), 0.0)
+    top = float(grid.max()) if grid.count() else 1.0
+    low = max(min(float(grid.min()) if grid.count() else 1e-3, top / 10), top * 1e-4)
+    cmap = colormaps["magma_r"].with_extremes(bad="#d8ecd3")
+    image = ax_heat.imshow(grid, cmap=cmap, norm=LogNorm(vmin=low, vmax=top), aspect="auto")
     ax_heat.set_xticks(range(len(layers)), labels=layers)
     ax_heat.set_yticks(range(len(labels)), labels=labels)
-    ax_heat.set_title("relative weight change per layer  ‖Δw‖ / ‖w₀‖")
-    top = max((v for row in values for v in row), default=0.0) or 1.0
+    ax_heat.set_title("relative weight change per layer  ‖Δw‖ / ‖w₀‖  (log scale)")
     for i, row in enumerate(values):
         for j, v in enumerate(row):
             text = "0 (frozen)" if v == 0.0 else f"{v:.2f}" if v >= 0.01 else f"{v:.1e}"
+            dark = v > 0 and math.log(v / low) > 0.45 * math.log(top / low)
             ax_heat.text(j, i, text, ha="center", va="center", fontsize=8,
-                         color="white" if v > 0.55 * top else "black")
+                         color="white" if dark else "black")
     fig.colorbar(image, ax=ax_heat, shrink=0.85)
     _save(fig, path)
 

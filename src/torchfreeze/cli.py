@@ -230,7 +230,7 @@ class CheckpointDiff(Report):
         frozen = set(self.expected_frozen)
         bad = set(self.changed_frozen)
         table = Table(title=f"diff {self.before} -> {self.after}", title_justify="left")
-        table.add_column("module")
+        table.add_column("module", overflow="fold")
         table.add_column("tensors", justify="right")
         table.add_column("changed", justify="right")
         table.add_column("params", justify="right")
@@ -401,7 +401,9 @@ def _json_out(data: Any) -> None:
 
 
 def _console() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    # Piped output (CI logs, grep) would be cut to 80 columns; module names must stay whole.
+    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(highlight=False, width=140 if wide else None)
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
@@ -507,7 +509,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             )
     if args.epochs < 1:
         raise TorchfreezeError(f"--epochs must be >= 1, got {args.epochs}.")
-    run_demo(epochs=args.epochs, strategies=strategies, out=args.out, seed=args.seed)
+    run_demo(epochs=args.epochs, strategies=strategies, out=args.out, seed=args.seed,
+             console=_console())
     return EXIT_OK
 
 
