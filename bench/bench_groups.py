@@ -99,7 +99,10 @@ def main() -> None:
     args = parser.parse_args()
     repeats = 5 if args.quick else 20
     # a BERT-base AdamW step moves ~3 GB: few steps there, more on the small model
-    steps = {"base": 2 if args.quick else 3, "small": 5 if args.quick else 15}
+    steps = {("base", "foreach"): 1 if args.quick else 2,
+             ("base", "fused"): 3 if args.quick else 6,
+             ("small", "foreach"): 5 if args.quick else 10,
+             ("small", "fused"): 5 if args.quick else 10}
     con = Console(width=150)
     con.print(f"[bold]machine:[/] {machine_line()}")
 
@@ -113,8 +116,8 @@ def main() -> None:
                            f"{t_build * 1e3:.1f} ms", "< 50 ms",
                            "yes" if t_build < 0.05 else "NO"))
         for impl in ("foreach", "fused"):
-            t_m, t_s, g_m, g_s = time_steps(model, steps[size], impl)
-            step_rows.append((f"BERT-{size}", f"{n / 1e6:.1f} M", impl, steps[size],
+            t_m, t_s, g_m, g_s = time_steps(model, steps[size, impl], impl)
+            step_rows.append((f"BERT-{size}", f"{n / 1e6:.1f} M", impl, steps[size, impl],
                               f"{g_m} vs {g_s}", f"{t_m * 1e3:.1f} ms", f"{t_s * 1e3:.1f} ms",
                               f"{t_s / t_m:.2f}x", f"{(t_s - t_m) / (g_s - g_m) * 1e6:.0f} µs"))
         del model
