@@ -130,8 +130,10 @@ def test_bn_of_a_pending_selection_stays_in_eval_until_its_epoch() -> None:
 def test_bad_selector_or_scheduler_fails_at_construction_without_changes() -> None:
     model = Net()
     opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
-    with pytest.raises(SelectionError, match=r"schedule\[3\].*'blok' matched nothing.*block"):
+    match = r"schedule\[3\].*'blok' matched nothing.*block"
+    with pytest.raises(SelectionError, match=match) as err:
         tfz.GradualUnfreeze(model, opt, {1: "stem", 3: "blok"})
+    assert err.value.suggestions[0] == "block"
     assert all(p.requires_grad for p in model.parameters())
 
     class Custom(lrs.LRScheduler):

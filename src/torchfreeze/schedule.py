@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ._optim import prepare_new_group
-from .errors import FreezeStateError, TorchfreezeError
+from .errors import FreezeStateError, SelectionError, TorchfreezeError
 from .freeze import (
     _capture,
     _refuse_wrapped,
@@ -133,8 +133,11 @@ class GradualUnfreeze:
         for epoch in sorted(sched):
             try:
                 selections[epoch] = resolve(target, [sched[epoch]], index=idx)
-            except TorchfreezeError as exc:
-                raise type(exc)(f"schedule[{epoch}]: {exc}") from None
+            except SelectionError as exc:
+                raise SelectionError(
+                    f"schedule[{epoch}]: {exc}", selector=exc.selector,
+                    suggestions=exc.suggestions,
+                ) from None
         # validate lr/lr_mult and the scheduler now rather than mid-training
         prepare_new_group(optimizer, [], [], lr=lr, lr_mult=lr_mult, scheduler=scheduler,
                           name="probe")
