@@ -351,6 +351,7 @@ def run_demo(
     from ._plot import require_matplotlib
 
     require_matplotlib()
+    _require_demo_extra()  # before anything is written
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
