@@ -391,7 +391,7 @@ def diff_checkpoints(
 
 
 def _read(path: str) -> dict[str, torch.Tensor]:
-    from ._checkpoint import read_state_dict
+    from .load import read_state_dict
 
     return read_state_dict(path)
 
@@ -466,7 +466,7 @@ def _load_factory(spec: str) -> torch.nn.Module:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from ._checkpoint import inspect_checkpoint
+    from .load import inspect_checkpoint
 
     if args.depth is not None and args.depth < 0:
         raise TorchfreezeError(f"--depth must be >= 0, got {args.depth}.")
