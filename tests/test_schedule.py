@@ -106,7 +106,9 @@ def test_step_is_idempotent_and_jumping_ahead_applies_missed_milestones() -> Non
     assert gu.step(0) == [] and gu.step(1) == []
     assert gu.step(5) == [2, 4]
     assert gu.step(5) == [] and gu.step(3) == []
-    assert [g["name"] for g in opt.param_groups][-2:] == ["unfreeze@2", "unfreeze@4"]
+    assert [(g["name"], g["weight_decay"]) for g in opt.param_groups][-4:] == [
+        ("unfreeze@2", 0.01), ("unfreeze@2/no_decay", 0.0),  # biases and BN: no decay
+        ("unfreeze@4", 0.01), ("unfreeze@4/no_decay", 0.0)]
     assert len(opt.param_groups) == len(sched.base_lrs) == len(sched.get_last_lr())
     ids = [id(p) for g in opt.param_groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
@@ -155,9 +157,11 @@ def test_state_dict_is_json_and_load_checks_before_changing() -> None:
     gu.step(2)
     state = gu.state_dict()
     assert json.loads(json.dumps(state)) == state
-    assert state["groups"] == [{"epoch": 2, "name": "unfreeze@2",
-                                "param_names": ["block.0.weight", "block.0.bias",
-                                                "block.1.weight", "block.1.bias"]}]
+    assert state["groups"] == [
+        {"epoch": 2, "name": "unfreeze@2", "param_names": ["block.0.weight"]},
+        {"epoch": 2, "name": "unfreeze@2/no_decay", "options": {"weight_decay": 0.0},
+         "param_names": ["block.0.bias", "block.1.weight", "block.1.bias"]},
+    ]
     with pytest.raises(TorchfreezeError, match="freshly built GradualUnfreeze"):
         gu.load_state_dict(state)
 
@@ -198,8 +202,10 @@ def test_fine_tune_schedule_head_first_then_discriminative() -> None:
                  if n in body_before and not torch.equal(body_before[n], p.detach())]
         assert (moved == []) == (epoch < 2), epoch
     groups = ft.optimizer.param_groups
-    assert groups[-1]["name"] == "unfreeze@2" and groups[-1]["initial_lr"] == 1e-4
+    assert [(g["name"], g["initial_lr"], g["weight_decay"]) for g in groups[-2:]] == [
+        ("unfreeze@2", 1e-4, 0.01), ("unfreeze@2/no_decay", 1e-4, 0.0)]
     assert groups[0]["lr"] / groups[-1]["lr"] == pytest.approx(10.0)
+    assert "bert.encoder.layer.0.output.LayerNorm.weight" in groups[-1]["param_names"]
     assert len(groups) == len(ft.scheduler.base_lrs)
 
 
@@ -235,3 +241,15 @@ def test_later_milestone_already_in_the_optimizer_is_reported() -> None:
     assert not model.block[0].weight.requires_grad
     gu.step(2)
     assert model.block[0].weight.requires_grad and len(opt.param_groups) == 1
+
+
+def test_no_decay_split_can_be_turned_off() -> None:
+    model = Net()
+    tfz.freeze(model, exclude="head")
+    opt = torch.optim.AdamW(tfz.param_groups(model, lr=1e-2, weight_decay=0.1))
+    gu = tfz.GradualUnfreeze(model, opt, {1: "block"}, lr_mult=0.1, no_decay=())
+    gu.step(1)
+    assert [(g["name"], g["weight_decay"]) for g in opt.param_groups][-1:] == [
+        ("unfreeze@1", 0.1)]
+    assert opt.param_groups[-1]["param_names"] == [
+        "block.0.weight", "block.0.bias", "block.1.weight", "block.1.bias"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -64,10 +64,11 @@ class GradualUnfreeze:
     """Unfreeze selections of a model at given epochs (gradual unfreezing).
 
     On construction every scheduled selection is frozen (with the BN policy
-    ``bn``); :meth:`step` then unfreezes each at its epoch with
-    :func:`torchfreeze.unfreeze`, which adds the newly trainable parameters to
-    ``optimizer`` as one new group named ``"unfreeze@<epoch>"`` and registers it
-    with ``scheduler``. Parameters already in the optimizer are not added again.
+    ``bn``); :meth:`step` then unfreezes each at its epoch and adds the newly
+    trainable parameters to ``optimizer`` as a new group named
+    ``"unfreeze@<epoch>"`` (two with ``no_decay``), registered with
+    ``scheduler``, exactly as ``tfz.unfreeze(..., optimizer=, scheduler=)``
+    would. Parameters already in the optimizer are not added again.
 
     For a ``DistributedDataParallel`` model, unfreezing goes through
     :func:`torchfreeze.distributed.unfreeze`, which re-wraps the model:
@@ -87,6 +88,10 @@ class GradualUnfreeze:
         scheduler: the LR scheduler (or a list) driving ``optimizer``.
         bn: BN policy for the frozen selections (``"eval"``, ``"train"``,
             ``"stats"``; see :func:`torchfreeze.freeze`).
+        no_decay: as in :func:`torchfreeze.param_groups`: when the first group
+            has weight decay, a milestone's biases and norm-layer parameters
+            join as a second group ``"unfreeze@<epoch>/no_decay"`` with weight
+            decay 0 (``()``: always one group). Not split for DDP models.
 
     Raises:
         SelectionError: a selector matches nothing (checked for every epoch now,
@@ -116,6 +121,7 @@ class GradualUnfreeze:
         lr_mult: float | None = None,
         scheduler: Any = None,
         bn: BNPolicy = "eval",
+        no_decay: Iterable[str | type[nn.Module]] = ("bias", "norm"),
     ) -> None:
         if not isinstance(schedule, Mapping) or not schedule:
             raise TorchfreezeError(
@@ -148,6 +154,7 @@ class GradualUnfreeze:
         self.lr_mult = lr_mult
         self.scheduler = scheduler
         self.bn = bn
+        self.no_decay = tuple(no_decay)
         self.epoch: int | None = None
         self.applied: list[int] = []
         self.groups: list[dict[str, Any]] = []
@@ -201,23 +208,45 @@ class GradualUnfreeze:
                 lr_mult=self.lr_mult, scheduler=self.scheduler, group_name=name,
             )
         else:
-            unfreeze(
-                self.model, self.schedule[milestone], optimizer=self.optimizer, lr=self.lr,
-                lr_mult=self.lr_mult, scheduler=self.scheduler, group_name=name,
-            )
+            options = self._unfreeze_split(milestone, name)
         self.applied.append(milestone)
         idx = ModelIndex(self.module)
-        added = [
-            idx.param_name[id(p)]
-            for g in self.optimizer.param_groups[n_before:]
-            for p in g["params"]
-            if id(p) not in before
+        for g in self.optimizer.param_groups[n_before:]:
+            added = [idx.param_name[id(p)] for p in g["params"] if id(p) not in before]
+            if added:
+                gname = str(g.get("name", name))
+                record: dict[str, Any] = {"epoch": milestone, "name": gname, "param_names": added}
+                if options.get(gname):
+                    record["options"] = dict(options[gname])
+                self.groups.append(record)
+
+    def _unfreeze_split(self, milestone: int, name: str) -> dict[str, dict[str, Any]]:
+        """Unfreeze one milestone as up to two groups: the rest, and its ``no_decay``
+        parameters with weight decay 0 (when the first group decays at all)."""
+        from .groups import _no_decay_ids
+
+        idx = ModelIndex(self.model)
+        sel = resolve(self.model, [self.schedule[milestone]], index=idx)
+        params = [p for p in sel.params if p.is_floating_point() or p.is_complex()]
+        decays = float(self.optimizer.param_groups[0].get("weight_decay") or 0.0) != 0.0
+        nd = _no_decay_ids(idx, self.no_decay, warn=False) if decays and self.no_decay else set()
+        parts = [
+            (name, [p for p in params if id(p) not in nd], {}),
+            (f"{name}/no_decay", [p for p in params if id(p) in nd], {"weight_decay": 0.0}),
         ]
-        if added:
-            group = self.optimizer.param_groups[-1]
-            self.groups.append(
-                {"epoch": milestone, "name": str(group.get("name", name)), "param_names": added}
+        # validate both groups before anything changes, as tfz.unfreeze does
+        commits = [
+            prepare_new_group(
+                self.optimizer, ps, [idx.param_name[id(p)] for p in ps], lr=self.lr,
+                lr_mult=self.lr_mult, scheduler=self.scheduler, name=gname, options=opts,
             )
+            for gname, ps, opts in parts
+            if ps
+        ]
+        unfreeze(self.model, self.schedule[milestone])  # requires_grad and BN policies
+        for commit in commits:
+            commit()
+        return {gname: opts for gname, _, opts in parts}
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state: epoch, applied milestones, added groups, freeze state."""
@@ -298,7 +327,7 @@ class GradualUnfreeze:
                 prepare_new_group(
                     self.optimizer, [aliases[n] for n in g["param_names"]],
                     list(g["param_names"]), lr=self.lr, lr_mult=self.lr_mult,
-                    scheduler=self.scheduler, name=str(g["name"]),
+                    scheduler=self.scheduler, name=str(g["name"]), options=g.get("options"),
                 )
                 for g in state.get("groups", [])
             ]
@@ -349,10 +378,11 @@ def fine_tune_schedule(
     ``ft.unfreezer.step(epoch)`` at the start of every epoch.
 
     The head's groups come from :func:`torchfreeze.param_groups` (so its biases
-    and norm layers get no weight decay). The body joins as *one* group whose
-    other hyper-parameters (weight decay included) are the head's first group's;
-    for per-layer body groups build :func:`~torchfreeze.param_groups` and a
-    :class:`GradualUnfreeze` yourself.
+    and norm layers get no weight decay). The body joins as one group at ``lr``
+    (plus ``"unfreeze@<k>/no_decay"`` for its biases and norm layers when
+    ``weight_decay`` is set), its other hyper-parameters copied from the head's
+    first group. For per-layer body LRs (layer decay) build
+    :func:`~torchfreeze.param_groups` and a :class:`GradualUnfreeze` yourself.
 
     Args:
         model: the model (not a DDP wrapper).
@@ -421,7 +451,8 @@ def fine_tune_schedule(
             **optimizer_kwargs,
         )
         sched = scheduler(opt) if scheduler is not None else None
-        gu = GradualUnfreeze(model, opt, {head_epochs: body}, lr=lr, scheduler=sched, bn=bn)
+        gu = GradualUnfreeze(model, opt, {head_epochs: body}, lr=lr, scheduler=sched, bn=bn,
+                         no_decay=no_decay)
     except BaseException:
         _restore(snapshot)  # a failed call leaves the model as it was
         raise
