@@ -32,11 +32,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_line() -> str:
+def machine_line(*, threads: bool = True) -> str:
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    used = f" ({torch.get_num_threads()} thread(s) used)" if threads else ""
     return (
-        f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), Python {platform.python_version()}, {now}"
+        f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}{used}, "
+        f"Python {platform.python_version()}, {now}"
     )
 
 

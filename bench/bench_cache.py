@@ -193,16 +193,16 @@ def cases() -> list[Case]:
     x = torch.randn(n, width, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
     out = [
-        Case("MLP stack, 10/20 blocks frozen", lambda: mlp_net(10), x, y, 256),
-        Case("MLP stack, 16/20 blocks frozen", lambda: mlp_net(16), x, y, 256,
+        Case("MLP, 10/20 blocks frozen", lambda: mlp_net(10), x, y, 256),
+        Case("MLP, 16/20 blocks frozen", lambda: mlp_net(16), x, y, 256,
              dtypes=(torch.bfloat16, torch.float16)),
-        Case("MLP stack, 19/20 blocks frozen", lambda: mlp_net(19), x, y, 256),
+        Case("MLP, 19/20 blocks frozen", lambda: mlp_net(19), x, y, 256),
     ]
     if os.environ.get("TFZ_BENCH_SKIP_MINILM") != "1":
         tokens = torch.randint(1000, 30000, (32, 64), generator=g)
         tokens[:, 0] = 101  # [CLS]
         labels = torch.randint(0, 2, (32,), generator=g)
-        out.append(Case("MiniLM-L6, embeddings + 5/6 layers frozen", lambda: minilm_net(5),
+        out.append(Case("MiniLM-L6, emb + 5/6 layers frozen", lambda: minilm_net(5),
                         tokens, labels, 8, lr=1e-4))
     return out
 
@@ -215,7 +215,8 @@ def main() -> None:
                "limit", "of limit", "max rel. loss diff", "cache bytes"]
     caption = (
         "f: frozen prefix's share of forward FLOPs (FlopCounterMode). limit = E(3-2f)/(f+3E(1-f)). "
-        "speed-up = plain s / cached s, measured in one process with epochs interleaved. "
+        "speed-up = plain s / cached s over the first E epochs, measured in one process with the "
+        "two loops alternating step by step. "
         "max rel. loss diff: largest |loss_plain - loss_cached| / loss_plain over all steps.\n"
         f"Machine: {machine_line()}"
     )

@@ -52,8 +52,11 @@ def main() -> int:
     scripts = sorted(HERE.glob("bench_*.py"))
     if args.names:
         scripts = [s for s in scripts if s.stem in args.names or s.name in args.names]
-    machine = machine_line()
-    parts = [f"Machine: {machine}. Command: `make bench` (= `python bench/run_all.py`).", ""]
+    machine = machine_line(threads=False)
+    threads = os.environ.get("TFZ_BENCH_THREADS", "1")
+    parts = [f"Machine: {machine}; the benchmarks use {threads} torch thread(s) "
+             "(TFZ_BENCH_THREADS) unless their table says otherwise. "
+             "Command: `make bench` (= `python bench/run_all.py`).", ""]
     failed = 0
     total = time.perf_counter()
     for script in scripts:

@@ -34,6 +34,11 @@ Decisions worth knowing:
 * **Augmentation** before the cached module makes caching wrong. It cannot be
   detected in general; ``validate=True`` hashes every sample's inputs and
   raises when a known id arrives with different input.
+* **state_dict is unaffected**; pickling the whole module object
+  (``torch.save(model)``) would carry the cache along: :meth:`FeatureCache.close`
+  first. For a prefix that is not one submodule (HF embeddings + the first k
+  encoder layers), wrap those modules in a small ``nn.Module`` that returns the
+  hidden states (``BertPrefix`` in ``bench/bench_cache.py``).
 """
 
 from __future__ import annotations
