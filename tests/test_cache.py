@@ -73,8 +73,10 @@ def test_outside_keys_the_module_runs_normally_and_close_restores_forward():
     assert model[0].calls == [8, 8] and len(cache) == 0 and cache.misses == 0
     cache.close()
     assert "forward" not in model[0].__dict__
-    with pytest.raises(CacheError, match="already has a FeatureCache"):
-        tfz.FeatureCache(model[0]).__init__(model[0])
+    again = tfz.FeatureCache(model[0])
+    with pytest.raises(CacheError, match="already has a FeatureCache; call close"):
+        tfz.FeatureCache(model[0])
+    assert model[0].__dict__["forward"] == again._forward
 
 
 def test_head_gradients_and_losses_identical_with_and_without_cache():
