@@ -45,7 +45,8 @@ def build(kind: str = "cosine"):
         sched = lrs.OneCycleLR(opt, max_lr=1e-2, total_steps=6 * 4)
     else:
         sched = lrs.LambdaLR(opt, lambda s: 0.95**s)
-    gu = tfz.GradualUnfreeze(model, opt, SCHEDULE, lr_mult=0.1, scheduler=sched)
+    gu = tfz.GradualUnfreeze(model, opt, SCHEDULE, lr_mult=0.1, scheduler=sched,
+                             no_decay=("bias", "norm"))
     return model, opt, sched, gu
 
 
@@ -243,11 +244,11 @@ def test_later_milestone_already_in_the_optimizer_is_reported() -> None:
     assert model.block[0].weight.requires_grad and len(opt.param_groups) == 1
 
 
-def test_no_decay_split_can_be_turned_off() -> None:
+def test_one_group_per_milestone_by_default() -> None:
     model = Net()
     tfz.freeze(model, exclude="head")
     opt = torch.optim.AdamW(tfz.param_groups(model, lr=1e-2, weight_decay=0.1))
-    gu = tfz.GradualUnfreeze(model, opt, {1: "block"}, lr_mult=0.1, no_decay=())
+    gu = tfz.GradualUnfreeze(model, opt, {1: "block"}, lr_mult=0.1)
     gu.step(1)
     assert [(g["name"], g["weight_decay"]) for g in opt.param_groups][-1:] == [
         ("unfreeze@1", 0.1)]

@@ -66,7 +66,7 @@ class GradualUnfreeze:
     On construction every scheduled selection is frozen (with the BN policy
     ``bn``); :meth:`step` then unfreezes each at its epoch and adds the newly
     trainable parameters to ``optimizer`` as a new group named
-    ``"unfreeze@<epoch>"`` (two with ``no_decay``), registered with
+    ``"unfreeze@<epoch>"`` (two with ``no_decay=``), registered with
     ``scheduler``, exactly as ``tfz.unfreeze(..., optimizer=, scheduler=)``
     would. Parameters already in the optimizer are not added again.
 
@@ -88,10 +88,12 @@ class GradualUnfreeze:
         scheduler: the LR scheduler (or a list) driving ``optimizer``.
         bn: BN policy for the frozen selections (``"eval"``, ``"train"``,
             ``"stats"``; see :func:`torchfreeze.freeze`).
-        no_decay: as in :func:`torchfreeze.param_groups`: when the first group
-            has weight decay, a milestone's biases and norm-layer parameters
-            join as a second group ``"unfreeze@<epoch>/no_decay"`` with weight
-            decay 0 (``()``: always one group). Not split for DDP models.
+        no_decay: e.g. ``("bias", "norm")`` as in :func:`torchfreeze.param_groups`:
+            when the first group has weight decay, a milestone's matching
+            parameters join as a second group ``"unfreeze@<epoch>/no_decay"``
+            with weight decay 0. Default ``()``: one group per milestone, all
+            hyper-parameters but the LR copied from the first group. Not split
+            for DDP models.
 
     Raises:
         SelectionError: a selector matches nothing (checked for every epoch now,
@@ -121,7 +123,7 @@ class GradualUnfreeze:
         lr_mult: float | None = None,
         scheduler: Any = None,
         bn: BNPolicy = "eval",
-        no_decay: Iterable[str | type[nn.Module]] = ("bias", "norm"),
+        no_decay: Iterable[str | type[nn.Module]] = (),
     ) -> None:
         if not isinstance(schedule, Mapping) or not schedule:
             raise TorchfreezeError(
@@ -200,6 +202,7 @@ class GradualUnfreeze:
         name = f"unfreeze@{milestone}"
         before = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         n_before = len(self.optimizer.param_groups)
+        options: dict[str, dict[str, Any]] = {}
         if _is_ddp(self.model):
             from . import distributed
 
