@@ -7,6 +7,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# rich wraps tables to the terminal width; xdist workers have none (80 columns)
+os.environ["COLUMNS"] = "200"
 
 import pytest
 import torch
