@@ -121,6 +121,8 @@ def main() -> int:
     in_sync = params_in_sync(model)
     if rank == 0:
         print(f"ranks in sync: {in_sync}")
+    del ddp  # its reducer holds the process group: release it before the group goes
+    dist.barrier()  # and no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
     return 0 if in_sync else 1
 
