@@ -16,10 +16,17 @@ Example:
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+# Several submodules share their public function's name (freeze, select, check,
+# verify, summary, layers). Importing a submodule binds the package attribute to
+# the *module*; the explicit imports below run after, and rebind the names to the
+# functions. Keep every submodule import here, before anything uses the package.
+from .cache import FeatureCache
+from .check import Diagnosis, Finding, check
 from .errors import (
     CacheError,
+    CheckError,
     DistributedFreezeError,
     FreezeStateError,
     FrozenStateChanged,
@@ -27,94 +34,71 @@ from .errors import (
     SchedulerError,
     SelectionError,
     TorchfreezeError,
+    UnusedRuleWarning,
 )
+from .freeze import freeze, freeze_state, freeze_to, frozen, load_freeze_state, unfreeze
+from .groups import param_groups
+from .layers import Layer, layers
+from .load import CheckpointInfo, LoadReport, inspect_checkpoint, load_pretrained, read_state_dict
+from .norm import FrozenBatchNorm, convert_frozen_batchnorm, revert_frozen_batchnorm
+from .schedule import FineTune, GradualUnfreeze, fine_tune_schedule
+from .select import Selection, Selector, select
+from .summary import Summary, summary
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
-# public name -> submodule that defines it
-_EXPORTS: dict[str, str] = {
-    "Selection": "select",
-    "Selector": "select",
-    "select": "select",
-    "freeze": "freeze",
-    "unfreeze": "freeze",
-    "frozen": "freeze",
-    "freeze_to": "freeze",
-    "freeze_state": "freeze",
-    "load_freeze_state": "freeze",
-    "Layer": "layers",
-    "layers": "layers",
-    "FrozenBatchNorm": "norm",
-    "convert_frozen_batchnorm": "norm",
-    "revert_frozen_batchnorm": "norm",
-    "Summary": "summary",
-    "summary": "summary",
-    "param_groups": "groups",
-    "GradualUnfreeze": "schedule",
-    "fine_tune_schedule": "schedule",
-    "LoadReport": "load",
-    "load_pretrained": "load",
-    "CheckpointInfo": "load",
-    "inspect_checkpoint": "load",
-    "read_state_dict": "load",
-    "CheckError": "check",
-    "Diagnosis": "check",
-    "Finding": "check",
-    "check": "check",
-    "VerifyReport": "verify",
-    "verify": "verify",
-    "FeatureCache": "cache",
-}
+__all__ = [
+    "CacheError",
+    "CheckError",
+    "CheckpointInfo",
+    "Diagnosis",
+    "DistributedFreezeError",
+    "FeatureCache",
+    "Finding",
+    "FineTune",
+    "FreezeStateError",
+    "FrozenBatchNorm",
+    "FrozenStateChanged",
+    "GradualUnfreeze",
+    "Layer",
+    "LoadError",
+    "LoadReport",
+    "SchedulerError",
+    "Selection",
+    "SelectionError",
+    "Selector",
+    "Summary",
+    "TorchfreezeError",
+    "UnusedRuleWarning",
+    "VerifyReport",
+    "__version__",
+    "check",
+    "convert_frozen_batchnorm",
+    "fine_tune_schedule",
+    "freeze",
+    "freeze_state",
+    "freeze_to",
+    "frozen",
+    "inspect_checkpoint",
+    "layers",
+    "load_freeze_state",
+    "load_pretrained",
+    "param_groups",
+    "read_state_dict",
+    "revert_frozen_batchnorm",
+    "select",
+    "summary",
+    "unfreeze",
+    "verify",
+]
+
+# imported on first use: distributed pulls in torch.distributed machinery, and the
+# integrations import Lightning / transformers
 _SUBMODULES = ("distributed", "integrations")
-
-__all__ = sorted(
-    [*_EXPORTS, "__version__", "CacheError", "DistributedFreezeError", "FreezeStateError",
-     "FrozenStateChanged", "LoadError", "SchedulerError", "SelectionError", "TorchfreezeError"]
-)
-
-
-def _bind_exports() -> None:
-    # Several submodules share their public function's name (freeze, select, check,
-    # ...). Importing a submodule binds the package attribute to the *module*, so
-    # every submodule is imported here first and the public names bound after.
-    for name, module in _EXPORTS.items():
-        try:
-            mod = importlib.import_module(f".{module}", __name__)
-        except ModuleNotFoundError as exc:  # TODO(integration): explicit imports
-            if exc.name != f"{__name__}.{module}":
-                raise
-            continue
-        globals()[name] = getattr(mod, name)
-
-
-_bind_exports()
 
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'torchfreeze' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_SUBMODULES))
-
-
-if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from .cache import FeatureCache
-    from .check import CheckError, Diagnosis, Finding, check
-    from .freeze import freeze, freeze_state, freeze_to, frozen, load_freeze_state, unfreeze
-    from .groups import param_groups
-    from .layers import Layer, layers
-    from .load import (
-        CheckpointInfo,
-        LoadReport,
-        inspect_checkpoint,
-        load_pretrained,
-        read_state_dict,
-    )
-    from .norm import FrozenBatchNorm, convert_frozen_batchnorm, revert_frozen_batchnorm
-    from .schedule import GradualUnfreeze, fine_tune_schedule
-    from .select import Selection, Selector, select
-    from .summary import Summary, summary
-    from .verify import VerifyReport, verify

@@ -56,7 +56,7 @@ from rich.text import Text
 from torch import nn
 
 from ._report import Report
-from .errors import TorchfreezeError
+from .errors import CheckError, TorchfreezeError
 from .norm import FrozenBatchNorm, bn_policy, is_batchnorm
 from .select import ModelIndex
 
@@ -80,18 +80,6 @@ CODES: dict[str, str] = {
     "scheduler-mismatch": "the LR scheduler does not match the optimizer's param groups",
     "dropout-in-frozen": "dropout is active inside a frozen region",
 }
-
-
-class CheckError(TorchfreezeError):
-    """:meth:`Diagnosis.raise_for_errors` found error findings.
-
-    Attributes:
-        findings: the error findings, in report order.
-    """
-
-    def __init__(self, message: str, *, findings: Sequence[Finding] = ()) -> None:
-        super().__init__(message)
-        self.findings = list(findings)
 
 
 @dataclass(frozen=True)

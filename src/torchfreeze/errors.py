@@ -9,9 +9,11 @@ the model, optimizer and files are exactly as they were.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 __all__ = [
     "CacheError",
+    "CheckError",
     "DistributedFreezeError",
     "FreezeStateError",
     "FrozenStateChanged",
@@ -19,6 +21,7 @@ __all__ = [
     "SchedulerError",
     "SelectionError",
     "TorchfreezeError",
+    "UnusedRuleWarning",
 ]
 
 
@@ -60,6 +63,23 @@ class FreezeStateError(TorchfreezeError):
 
 class CacheError(TorchfreezeError):
     """A FeatureCache cannot cache this module, or its cached values are stale."""
+
+
+class CheckError(TorchfreezeError):
+    """:meth:`~torchfreeze.Diagnosis.raise_for_errors` found error findings.
+
+    Attributes:
+        findings: the error findings, in report order.
+    """
+
+    def __init__(self, message: str, *, findings: Sequence[Any] = ()) -> None:
+        super().__init__(message)
+        self.findings = list(findings)
+
+
+class UnusedRuleWarning(UserWarning):
+    """A param-group rule (or ``no_decay`` entry) that changes nothing: it matched
+    only frozen parameters, or only parameters an earlier rule already claimed."""
 
 
 class FrozenStateChanged(TorchfreezeError, AssertionError):

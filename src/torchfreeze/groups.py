@@ -19,15 +19,10 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from .errors import TorchfreezeError
+from .errors import TorchfreezeError, UnusedRuleWarning
 from .select import ModelIndex, resolve
 
 __all__ = ["UnusedRuleWarning", "is_norm_layer", "param_groups"]
-
-
-class UnusedRuleWarning(UserWarning):
-    """A rule (or ``no_decay`` entry) that changes nothing: it matched only frozen
-    parameters, or only parameters an earlier rule already claimed."""
 
 
 _OWN_KEYS = ("params", "param_names", "name")
