@@ -113,7 +113,7 @@ def _rank(rank: int, world: int, port: int, out: str, reps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="cost of a DDP re-wrap")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -455,3 +455,13 @@ def test_example_ddp_finetune_runs_under_torchrun(tmp_path) -> None:
     assert any(line.startswith("epoch 0:") and "param groups 2" in line for line in lines)
     assert any(line.startswith("epoch 1:") and "param groups 3" in line for line in lines)
     assert "ranks in sync: True" in lines
+
+
+def test_docstring_examples_run() -> None:
+    # in a fresh process: the examples create (and destroy) a default process group
+    code = ("import doctest, sys, torchfreeze.distributed as m; "
+            "r = doctest.testmod(m, optionflags=doctest.ELLIPSIS); "
+            "sys.exit(1 if r.failed or r.attempted < 20 else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -101,11 +101,18 @@ def construction_kwargs(ddp: DistributedDataParallel) -> dict[str, Any]:
             cannot reproduce safely (named in the message).
 
     Example:
-        >>> import torch.nn as nn
-        >>> from torchfreeze.distributed import construction_kwargs
-        >>> # inside an initialised process group:
-        >>> # construction_kwargs(DistributedDataParallel(nn.Linear(2, 2), bucket_cap_mb=4))
-        >>> # {'device_ids': None, ..., 'bucket_cap_mb': 4.0, ...}
+        >>> import socket, torch, torch.nn as nn, torch.distributed as dist
+        >>> from torch.nn.parallel import DistributedDataParallel
+        >>> import torchfreeze as tfz, torchfreeze.distributed as tfz_dist
+        >>> with socket.socket() as sock:  # torchrun does this part; here 1 process
+        ...     _ = sock.bind(("127.0.0.1", 0))
+        ...     url = "tcp://127.0.0.1:%d" % sock.getsockname()[1]
+        >>> dist.init_process_group("gloo", init_method=url, rank=0, world_size=1)
+        >>> ddp = DistributedDataParallel(nn.Linear(2, 2), bucket_cap_mb=4, static_graph=True)
+        >>> kwargs = tfz_dist.construction_kwargs(ddp)
+        >>> kwargs["bucket_cap_mb"], kwargs["static_graph"], kwargs["broadcast_buffers"]
+        (4.0, True, True)
+        >>> dist.destroy_process_group()
     """
     _require_ddp(ddp, "construction_kwargs")
     problems = []
@@ -429,11 +436,21 @@ def unfreeze(
             or the wrapper's settings cannot be rebuilt (nothing changed).
 
     Example:
-        >>> # torchrun --nproc_per_node 2 train.py
-        >>> # tfz.freeze(model, "backbone"); ddp = DistributedDataParallel(model)
-        >>> # opt = torch.optim.AdamW(p for p in ddp.parameters() if p.requires_grad)
-        >>> # ddp = torchfreeze.distributed.unfreeze(ddp, "backbone.layer4", optimizer=opt,
-        >>> #                                        lr_mult=0.1)
+        >>> import socket, torch, torch.nn as nn, torch.distributed as dist
+        >>> from torch.nn.parallel import DistributedDataParallel
+        >>> import torchfreeze as tfz, torchfreeze.distributed as tfz_dist
+        >>> with socket.socket() as sock:  # torchrun does this part; here 1 process
+        ...     _ = sock.bind(("127.0.0.1", 0))
+        ...     url = "tcp://127.0.0.1:%d" % sock.getsockname()[1]
+        >>> dist.init_process_group("gloo", init_method=url, rank=0, world_size=1)
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> _ = tfz.freeze(net, "0")                 # before wrapping
+        >>> ddp = DistributedDataParallel(net)
+        >>> opt = torch.optim.SGD(net[1].parameters(), lr=0.1)
+        >>> ddp = tfz_dist.unfreeze(ddp, "module.0", optimizer=opt, lr_mult=0.1)  # every rank
+        >>> net[0].weight.requires_grad, [g["lr"] for g in opt.param_groups]
+        (True, [0.1, 0.010000000000000002])
+        >>> dist.destroy_process_group()
     """
     kind, module, selectors, exclude, kwargs, group = _prepare(model, "unfreeze", selectors,
                                                               exclude)
@@ -501,7 +518,18 @@ def freeze(
             failed or was called differently, or the wrapper cannot be rebuilt.
 
     Example:
-        >>> # ddp = torchfreeze.distributed.freeze(ddp, "encoder.layer.{0..5}")
+        >>> import socket, torch, torch.nn as nn, torch.distributed as dist
+        >>> from torch.nn.parallel import DistributedDataParallel
+        >>> import torchfreeze as tfz, torchfreeze.distributed as tfz_dist
+        >>> with socket.socket() as sock:  # torchrun does this part; here 1 process
+        ...     _ = sock.bind(("127.0.0.1", 0))
+        ...     url = "tcp://127.0.0.1:%d" % sock.getsockname()[1]
+        >>> dist.init_process_group("gloo", init_method=url, rank=0, world_size=1)
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> ddp = tfz_dist.freeze(DistributedDataParallel(net), "0")  # every rank
+        >>> [p.requires_grad for p in ddp.parameters()]
+        [False, False, True, True]
+        >>> dist.destroy_process_group()
     """
     kind, module, selectors, exclude, kwargs, group = _prepare(model, "freeze", selectors,
                                                               exclude)
