@@ -113,6 +113,8 @@ def _ddp_scenarios(rank: int) -> dict[str, Any]:
     differ = "module.1" if rank == 0 else "module.1.weight"
     out["differ"] = _outcome(lambda: tfd.unfreeze(ddp, differ, optimizer=opt))
     out["freeze_all"] = _outcome(lambda: tfd.freeze(ddp))
+    bad_opt = opt if rank == 0 else "not an optimizer"  # whatever rank 1 raises, 0 hears
+    out["bad_optimizer"] = _outcome(lambda: tfd.unfreeze(ddp, "module.1", optimizer=bad_opt))
     out["bad_scheduler"] = _outcome(lambda: tfd.unfreeze(ddp, "module.1", optimizer=opt,
                                                          scheduler=object()))
     out["unchanged"] = (flags == [p.requires_grad for p in model.parameters()]
@@ -252,6 +254,8 @@ def test_selector_error_on_one_rank_stops_every_rank(ddp_run) -> None:
         assert "called differently on rank 0 and rank 1" in r["differ"]
         assert "no trainable parameter" in r["freeze_all"]
         assert r["bad_scheduler"].startswith("SchedulerError")
+    assert "failed on rank 1" in r0["bad_optimizer"]
+    assert r1["bad_optimizer"] != "ok"
     for name in r0["after_errors"]:  # and the job trains on, in sync
         assert torch.equal(r0["after_errors"][name], r1["after_errors"][name]), name
 

@@ -479,7 +479,7 @@ def unfreeze(
                 name=group_name or _group_name(selectors),
             )
         plan = (sel.param_names, freeze_state(module)["frozen"])
-    except TorchfreezeError as exc:
+    except Exception as exc:  # any local failure must reach the other ranks, or they hang
         error = exc
     _agree(group, "unfreeze", error, plan)
 
@@ -553,7 +553,7 @@ def freeze(
                 "Nothing was changed."
             )
         plan = (sel.param_names, freeze_state(module)["frozen"], bn)
-    except TorchfreezeError as exc:
+    except Exception as exc:  # any local failure must reach the other ranks, or they hang
         error = exc
     _agree(group, "freeze", error, plan)
 
