@@ -66,3 +66,25 @@ def run_ranks(
                     p.kill()
             raise TimeoutError(f"{fn.__name__} did not finish on {world} ranks in {timeout} s")
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def run_ranks_once(fn: Callable[..., Any], tmp_path_factory: Any, name: str) -> list[Any]:
+    """:func:`run_ranks` once per test session, also under pytest-xdist.
+
+    xdist hands a module's tests to several workers, and each would build the
+    module-scoped fixture again; the first worker runs the ranks, the others
+    wait on a file lock and read its results (the recipe from xdist's docs).
+    """
+    from filelock import FileLock
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return run_ranks(fn, tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent / f"tfz-dist-{name}"
+    with FileLock(str(shared) + ".lock"):
+        done = shared / "done"
+        if not done.exists():
+            shared.mkdir(exist_ok=True)
+            results = run_ranks(fn, shared)
+            done.touch()
+            return results
+    return [torch.load(shared / f"rank{r}.pt", weights_only=False) for r in range(2)]

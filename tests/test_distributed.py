@@ -24,7 +24,7 @@ import torchfreeze as tfz
 import torchfreeze.distributed as tfd
 from torchfreeze.errors import DistributedFreezeError
 
-from ._dist_utils import free_port, run_ranks
+from ._dist_utils import free_port, run_ranks_once
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(150)
@@ -187,7 +187,7 @@ def _ddp_scenarios(rank: int) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    return run_ranks(_ddp_scenarios, tmp_path_factory.mktemp("ddp"))
+    return run_ranks_once(_ddp_scenarios, tmp_path_factory, "ddp")
 
 
 def test_plain_requires_grad_flip_after_wrapping_desynchronises_ranks(ddp_run) -> None:
@@ -401,7 +401,7 @@ def _full_optim_state(opt: torch.optim.Optimizer, model: nn.Module) -> dict[str,
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch >= 2.6")
-    return run_ranks(_fsdp_scenarios, tmp_path_factory.mktemp("fsdp"))
+    return run_ranks_once(_fsdp_scenarios, tmp_path_factory, "fsdp")
 
 
 def test_fsdp2_frozen_before_sharding_never_moves_and_verify_says_so(fsdp_run) -> None:
@@ -445,15 +445,24 @@ def _torchrun() -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run"]  # what torchrun runs
 
 
-@pytest.mark.timeout(180)
-def test_example_ddp_finetune_runs_under_torchrun(tmp_path) -> None:
-    pytest.importorskip("sklearn", reason="the example trains on scikit-learn's digits")
+def _run_example(tmp_path: Path) -> subprocess.CompletedProcess:
     cmd = [*_torchrun(), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(ROOT / "examples" / "ddp_finetune.py"),
            "--epochs", "2", "--unfreeze-at", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, cwd=tmp_path,
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=70, cwd=tmp_path,
                           env=env)
+
+
+@pytest.mark.timeout(180)
+def test_example_ddp_finetune_runs_under_torchrun(tmp_path) -> None:
+    pytest.importorskip("sklearn", reason="the example trains on scikit-learn's digits")
+    proc = _run_example(tmp_path)
+    if (proc.returncode != 0 and "ranks in sync: True" in proc.stdout
+            and "terminate called without an active exception" in proc.stderr):
+        # On a loaded machine gloo sometimes aborts in process teardown after the script has
+        # finished its work (about 1 run in 10 here, never twice in a row): run it once more.
+        proc = _run_example(tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert any(line.startswith("epoch 0:") and "param groups 2" in line for line in lines)
