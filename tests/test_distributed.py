@@ -27,7 +27,11 @@ from torchfreeze.errors import DistributedFreezeError
 from ._dist_utils import free_port, run_ranks_once
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.timeout(150)
+pytestmark = [
+    pytest.mark.timeout(150),
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                       reason="torch built without torch.distributed / gloo"),
+]
 
 
 def _net() -> nn.Sequential:
