@@ -20,7 +20,7 @@ Cost of one re-wrap: what any DDP construction costs, one broadcast from rank
 0 of every parameter (frozen ones too) and, with ``broadcast_buffers``, every
 buffer, plus building a new reducer; and one small ``all_gather_object``.
 ``bench/bench_rewrap.py`` measures it: on 2 CPU ranks (gloo) a MiniLM-sized
-BERT (86 MiB) re-wraps in about 1.2x the time of a plain
+BERT (86 MiB) re-wraps in about 1.05-1.17x the time of a plain
 ``DistributedDataParallel(model)``, under one training step. The old
 wrapper is disabled: its reducer hooks are removed and calling it raises
 :class:`~torchfreeze.errors.DistributedFreezeError`.

@@ -37,7 +37,7 @@ from .freeze import (
     load_freeze_state,
     unfreeze,
 )
-from .norm import BN_POLICIES, BNPolicy
+from .norm import BN_POLICIES, BNPolicy, set_bn_policy
 from .select import ModelIndex, Selector, resolve
 
 __all__ = ["FineTune", "GradualUnfreeze", "fine_tune_schedule"]
@@ -50,6 +50,17 @@ def _is_ddp(model: nn.Module) -> bool:
     from torch.nn.parallel import DistributedDataParallel
 
     return isinstance(model, DistributedDataParallel)
+
+
+def _is_distributed(model: nn.Module) -> bool:
+    """DDP wrappers and FSDP2 roots unfreeze through torchfreeze.distributed: DDP
+    must be re-wrapped, FSDP2 needs its mixed-precision dtypes recomputed."""
+    if _is_ddp(model):
+        return True
+    from .distributed import _fsdp_module_class
+
+    fsdp = _fsdp_module_class()
+    return fsdp is not None and isinstance(model, fsdp)
 
 
 def _check_epoch(what: str, epoch: Any) -> int:
@@ -203,7 +214,7 @@ class GradualUnfreeze:
         before = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         n_before = len(self.optimizer.param_groups)
         options: dict[str, dict[str, Any]] = {}
-        if _is_ddp(self.model):
+        if _is_distributed(self.model):
             from . import distributed
 
             self.model = distributed.unfreeze(
@@ -317,7 +328,7 @@ class GradualUnfreeze:
                 f"{idx.describe()} does not have. Load it into the architecture it was saved "
                 "from. Nothing was changed."
             )
-        if _is_ddp(self.model):
+        if _is_distributed(self.model):
             from . import distributed
 
             for g in state.get("groups", []):
@@ -325,6 +336,10 @@ class GradualUnfreeze:
                     self.model, list(g["param_names"]), optimizer=self.optimizer, lr=self.lr,
                     lr_mult=self.lr_mult, scheduler=self.scheduler, group_name=str(g["name"]),
                 )
+            # requires_grad was restored collectively above; flipping it here would
+            # desynchronise ranks, but BN policies are local and must come back too
+            for mname, policy in fstate.get("bn", {}).items():
+                set_bn_policy(modules[mname], policy, training=module.training)
         else:
             commits = [
                 prepare_new_group(
