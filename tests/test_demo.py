@@ -119,3 +119,21 @@ def _quiet() -> Any:
     from rich.console import Console
 
     return Console(file=io.StringIO())
+
+
+def test_transfer_verdict_is_honest_about_who_leads() -> None:
+    from torchfreeze.demo import _transfer_verdict
+
+    def result(label: str, curve: list[float], trainable: int = 100) -> dict:
+        return {"label": label, "accuracy_per_epoch": curve, "trainable_params": trainable,
+                "total_params": 2000}
+
+    caught_up = _transfer_verdict({"linear-probe": result("linear probe", [0.8, 0.9], 100),
+                                   "scratch": result("from scratch", [0.7, 0.95])})
+    assert caught_up.startswith("after epoch 1: best transfer (linear probe) 80.0% vs from "
+                                "scratch 70.0%; after epoch 2: linear probe 90.0% vs 95.0%")
+    assert "catches up" in caught_up and "20x fewer trainable parameters" in caught_up
+    leads = _transfer_verdict({"full": result("full fine-tune", [0.8, 0.97]),
+                               "scratch": result("from scratch", [0.7, 0.95])})
+    assert "catches up" not in leads and "97.0% vs 95.0%" in leads
+    assert _transfer_verdict({"scratch": result("from scratch", [0.7])}) is None
