@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import fnmatch
-import functools
 import importlib
 import json
 import math
 import os
-import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +31,7 @@ from rich.text import Text
 from . import __version__
 from ._report import Report, fmt_count
 from .errors import SelectionError, TorchfreezeError
-from .select import expand_braces
+from .select import closest_names, name_tests
 
 __all__ = [
     "EXIT_CHECK_FAILED",
@@ -52,7 +49,6 @@ EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
 
-_GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 # ---------------------------------------------------------------------------
@@ -102,24 +98,7 @@ def match_keys(keys: Sequence[str], selectors: Iterable[str]) -> list[str]:
     names = modules + keys
     hit: set[str] = set()
     for sel in selectors:
-        if sel.startswith("re:"):
-            try:
-                rx = re.compile(sel[3:])
-            except re.error as exc:
-                raise SelectionError(
-                    f"selector {sel!r} is not a valid regular expression ({exc}). "
-                    "Fix the expression, or drop 're:' to use a glob.",
-                    selector=sel,
-                ) from None
-            alts = [(sel, sel[3:], lambda n, rx=rx: rx.fullmatch(n) is not None)]
-        else:
-            alts = []
-            for alt in expand_braces(sel):
-                glob = bool(_GLOB_CHARS.search(alt))
-                test = functools.partial(_name_matches, pattern=alt, glob=glob)
-                shown = sel if alt == sel else f"{alt}' (from '{sel}"
-                alts.append((shown, alt, test))
-        for shown, needle, test in alts:
+        for shown, needle, test in name_tests(sel):
             matched = [n for n in names if test(n)]
             if not matched:
                 raise _no_key(names, shown, needle, len(keys))
@@ -128,15 +107,8 @@ def match_keys(keys: Sequence[str], selectors: Iterable[str]) -> list[str]:
     return [k for k in keys if k in hit]
 
 
-def _name_matches(name: str, *, pattern: str, glob: bool) -> bool:
-    return fnmatch.fnmatchcase(name, pattern) if glob else name == pattern
-
-
 def _no_key(names: list[str], shown: str, needle: str, num_keys: int) -> SelectionError:
-    core = _GLOB_CHARS.sub("", needle).strip(".")
-    suffix = [n for n in names if core and n.endswith("." + core)]
-    close = difflib.get_close_matches(core, names, n=5, cutoff=0.5)
-    suggestions = list(dict.fromkeys(suffix[:3] + close))[:5]
+    suggestions = closest_names(names, needle)
     if suggestions:
         hint = "Closest real names: " + ", ".join(repr(s) for s in suggestions) + "."
     else:

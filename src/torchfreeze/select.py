@@ -41,7 +41,16 @@ from torch import nn
 from ._report import fmt_count
 from .errors import SelectionError
 
-__all__ = ["ModelIndex", "Selection", "Selector", "expand_braces", "resolve", "select"]
+__all__ = [
+    "ModelIndex",
+    "Selection",
+    "Selector",
+    "closest_names",
+    "expand_braces",
+    "name_tests",
+    "resolve",
+    "select",
+]
 
 #: Anything :func:`select` accepts (a union, list or nesting of these).
 Selector = Union[
@@ -277,7 +286,13 @@ def _match_names(idx: ModelIndex, test: Callable[[str], bool]) -> _Hits:
     return hits
 
 
-def _match_string(idx: ModelIndex, pattern: str) -> _Hits:
+def name_tests(pattern: str) -> list[tuple[str, str, Callable[[str], bool]]]:
+    """The name tests one string selector stands for, one per brace alternative.
+
+    Returns ``(shown, needle, test)`` triples: how to name the alternative in an
+    error, the text to find close names for, and the test over dotted names.
+    Used for models here and for checkpoint keys by ``torchfreeze diff``.
+    """
     if pattern.startswith("re:"):
         try:
             rx = re.compile(pattern[3:])
@@ -287,24 +302,22 @@ def _match_string(idx: ModelIndex, pattern: str) -> _Hits:
                 "Fix the expression, or drop 're:' to use a glob.",
                 selector=pattern,
             ) from None
-        hits = _match_names(idx, lambda n: rx.fullmatch(n) is not None)
-        if hits.empty():
-            raise _no_match(idx, pattern, pattern[3:])
-        return hits
-    total = _Hits()
+        return [(pattern, pattern[3:], lambda n: rx.fullmatch(n) is not None)]
+    tests = []
     for alt in expand_braces(pattern):
         if _GLOB_CHARS.search(alt):
-            hits = _match_names(idx, lambda n, a=alt: fnmatch.fnmatchcase(n, a))
+            test: Callable[[str], bool] = lambda n, a=alt: fnmatch.fnmatchcase(n, a)  # noqa: E731
         else:
-            hits = _match_names(idx, lambda n, a=alt: n == a)
-        if hits.empty():
-            raise _no_match(idx, pattern if alt == pattern else f"{alt}' (from '{pattern}", alt)
-        total.update(hits)
-    return total
+            test = lambda n, a=alt: n == a  # noqa: E731
+        shown = pattern if alt == pattern else f"{alt}' (from '{pattern}"
+        tests.append((shown, alt, test))
+    return tests
 
 
-def _no_match(idx: ModelIndex, shown: str, needle: str) -> SelectionError:
-    names = idx.all_names()
+def closest_names(names: list[str], needle: str) -> list[str]:
+    """Up to five real names close to a selector that matched nothing: names that
+    end with it first (a missing wrapper prefix such as ``module.``), then by
+    spelling (difflib)."""
     core = _GLOB_CHARS.sub("", needle).strip(".")
     suffix = [n for n in names if core and n.endswith("." + core)]
     close = difflib.get_close_matches(core, names, n=5, cutoff=0.5)
@@ -313,7 +326,21 @@ def _no_match(idx: ModelIndex, shown: str, needle: str) -> SelectionError:
         depth = core.count(".") + 1
         heads = list(dict.fromkeys(".".join(n.split(".")[:depth]) for n in names))
         close = difflib.get_close_matches(core, heads, n=5, cutoff=0.5)
-    suggestions = list(dict.fromkeys(suffix[:3] + close))[:5]
+    return list(dict.fromkeys(suffix[:3] + close))[:5]
+
+
+def _match_string(idx: ModelIndex, pattern: str) -> _Hits:
+    total = _Hits()
+    for shown, needle, test in name_tests(pattern):
+        hits = _match_names(idx, test)
+        if hits.empty():
+            raise _no_match(idx, shown, needle)
+        total.update(hits)
+    return total
+
+
+def _no_match(idx: ModelIndex, shown: str, needle: str) -> SelectionError:
+    suggestions = closest_names(idx.all_names(), needle)
     if suggestions:
         hint = "Closest real names: " + ", ".join(repr(s) for s in suggestions) + "."
     else:
