@@ -19,3 +19,22 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def gloo_group():
+    """A 1-process gloo group for in-process DDP/FSDP2 tests (real multi-rank runs
+    live in test_distributed.py)."""
+    import torch.distributed as dist
+
+    from ._dist_utils import free_port
+
+    if dist.is_initialized():  # pragma: no cover - another module set one up
+        yield dist.group.WORLD
+        return
+    dist.init_process_group("gloo", rank=0, world_size=1,
+                            init_method=f"tcp://127.0.0.1:{free_port()}")
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()

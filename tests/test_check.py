@@ -14,7 +14,6 @@ import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -23,7 +22,6 @@ import torchfreeze as tfz
 from torchfreeze.check import CODES, CheckError, Diagnosis, Finding
 from torchfreeze.errors import TorchfreezeError
 
-from ._dist_utils import free_port
 from ._models import TinyResNet, snapshot, tiny_bert
 
 # ---------------------------------------------------------------------------
@@ -556,19 +554,6 @@ def test_guard_habit_on_real_bert() -> None:
 
 # ---------------------------------------------------------------------------
 # distributed: DDP and FSDP2 in one process (1-rank gloo group)
-
-
-@pytest.fixture(scope="module")
-def gloo_group():
-    if dist.is_initialized():  # pragma: no cover - another module set one up
-        yield dist.group.WORLD
-        return
-    dist.init_process_group("gloo", rank=0, world_size=1,
-                            init_method=f"tcp://127.0.0.1:{free_port()}")
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
 
 
 def test_freeze_after_ddp_wrap(gloo_group) -> None:

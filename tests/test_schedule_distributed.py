@@ -2,32 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
-import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import torchfreeze as tfz
 from torchfreeze.norm import bn_policy
-
-
-@pytest.fixture
-def gloo_group():
-    if dist.is_initialized():  # pragma: no cover - another test module set one up
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", rank=0, world_size=1,
-                            init_method=f"tcp://127.0.0.1:{port}")
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def build() -> tuple[nn.Module, DistributedDataParallel, torch.optim.Optimizer,

@@ -11,14 +11,12 @@ import json
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import torchfreeze as tfz
 from torchfreeze.errors import FrozenStateChanged, TorchfreezeError
 from torchfreeze.verify import VerifyReport
 
-from ._dist_utils import free_port
 from ._models import tiny_bert
 
 
@@ -293,19 +291,6 @@ def test_not_a_module_is_a_clear_error() -> None:
 
 # ---------------------------------------------------------------------------
 # distributed in one process: DDP names and FSDP2 DTensor shards
-
-
-@pytest.fixture(scope="module")
-def gloo_group():
-    if dist.is_initialized():  # pragma: no cover - another module set one up
-        yield dist.group.WORLD
-        return
-    dist.init_process_group("gloo", rank=0, world_size=1,
-                            init_method=f"tcp://127.0.0.1:{free_port()}")
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_wrapped_model(gloo_group) -> None:
