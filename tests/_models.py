@@ -59,6 +59,17 @@ class TinyResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+def conv_net() -> nn.Sequential:
+    """stem (conv+BN) -> block (conv+BN) -> head: seed 003's shape."""
+    net = nn.Sequential()
+    net.add_module("stem", nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4),
+                                         nn.ReLU()))
+    net.add_module("block", nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4),
+                                          nn.ReLU()))
+    net.add_module("head", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)))
+    return net
+
+
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer, cloned (for bit-for-bit comparisons)."""
     return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}

@@ -22,7 +22,7 @@ import torchfreeze as tfz
 from torchfreeze.check import CODES, CheckError, Diagnosis, Finding
 from torchfreeze.errors import TorchfreezeError
 
-from ._models import TinyResNet, snapshot, tiny_bert
+from ._models import TinyResNet, conv_net, snapshot, tiny_bert
 
 # ---------------------------------------------------------------------------
 # models from the seeds
@@ -62,17 +62,6 @@ class Seed002(nn.Module):
         return torch.mm(x, w) + self.bias
 
 
-def _conv_net() -> nn.Sequential:
-    """stem (conv+BN) -> block (conv+BN) -> head; seed 003's shape."""
-    net = nn.Sequential()
-    net.add_module("stem", nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4),
-                                         nn.ReLU()))
-    net.add_module("block", nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4),
-                                          nn.ReLU()))
-    net.add_module("head", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)))
-    return net
-
-
 def step(model: nn.Module, opt: torch.optim.Optimizer | None = None, *,
          set_to_none: bool = True, x: torch.Tensor | None = None) -> None:
     x = torch.randn(4, 3, 6, 6) if x is None else x
@@ -93,7 +82,7 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def test_clean_setup_has_no_findings_and_guard_passes() -> None:
-    net = _conv_net()
+    net = conv_net()
     tfz.freeze(net, "stem")
     opt = torch.optim.AdamW(tfz.param_groups(net, lr=1e-3, weight_decay=0.05))
     step(net)  # the recommended moment: after the first backward, before zero_grad
@@ -105,7 +94,7 @@ def test_clean_setup_has_no_findings_and_guard_passes() -> None:
 
 
 def test_diagnosis_is_a_sequence_with_table_dict_and_raise() -> None:
-    net = _conv_net()
+    net = conv_net()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)  # built before freezing
     step(net)
     for p in net.block.parameters():
@@ -130,20 +119,20 @@ def test_diagnosis_is_a_sequence_with_table_dict_and_raise() -> None:
 
 
 def test_code_membership_and_bad_arguments() -> None:
-    net = _conv_net()
+    net = conv_net()
     tfz.freeze(net)
     diag = tfz.check(net)
     assert "all-frozen" in diag and "stale-grad" not in diag and diag[0] in diag
     assert diag.to_dict()["ok"] is False and diag.to_dict()["codes"] == ["all-frozen"]
     with pytest.raises(TorchfreezeError, match="expects the model .* got SGD"):
         tfz.check(torch.optim.SGD(net.parameters(), lr=0.1))  # type: ignore[arg-type]
-    groups = tfz.param_groups(_conv_net(), lr=0.1)
+    groups = tfz.param_groups(conv_net(), lr=0.1)
     with pytest.raises(TorchfreezeError, match="got list without a param_groups list"):
         tfz.check(net, [groups])
 
 
 def test_check_changes_nothing() -> None:
-    net = _conv_net()
+    net = conv_net()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     step(net, opt, set_to_none=False)
     step(net)
@@ -293,7 +282,7 @@ def test_seed002_done_right_has_no_group_key_finding() -> None:
 
 
 def test_option_of_another_optimizer_is_an_error_and_typo_a_warning() -> None:
-    net = _conv_net()
+    net = conv_net()
     opt = torch.optim.Adam([
         {"params": net.stem.parameters(), "momentum": 0.9},  # SGD's option: Adam ignores it
         {"params": net.block.parameters(), "lr_mul": 10},  # a typo
@@ -306,7 +295,7 @@ def test_option_of_another_optimizer_is_an_error_and_typo_a_warning() -> None:
 
 
 def test_scheduler_keys_and_torchfreeze_names_are_not_ignored_keys() -> None:
-    net = _conv_net()
+    net = conv_net()
     opt = torch.optim.SGD(tfz.param_groups(net, lr=0.1, rules={"head": {"lr_mult": 10}}),
                           lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
@@ -321,7 +310,7 @@ def test_scheduler_keys_and_torchfreeze_names_are_not_ignored_keys() -> None:
 
 
 def test_seed003_adam_over_all_then_hand_freeze() -> None:
-    net = _conv_net()
+    net = conv_net()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     step(net, opt, set_to_none=False)
     step(net)
@@ -344,7 +333,7 @@ def test_seed003_adam_over_all_then_hand_freeze() -> None:
 
 
 def test_freeze_clears_grads_and_param_groups_leave_frozen_out() -> None:
-    net = _conv_net()
+    net = conv_net()
     step(net)
     tfz.freeze(net, "block")
     opt = torch.optim.Adam(tfz.param_groups(net, lr=1e-3))
@@ -354,7 +343,7 @@ def test_freeze_clears_grads_and_param_groups_leave_frozen_out() -> None:
 
 
 def test_frozen_in_optimizer_severity_follows_whether_it_can_move() -> None:
-    net = _conv_net()
+    net = conv_net()
     opt = torch.optim.SGD([{"params": net.stem.parameters(), "weight_decay": 0.0},
                            {"params": net.block.parameters(), "weight_decay": 1e-4},
                            {"params": net.head.parameters()}], lr=0.1)
@@ -366,7 +355,7 @@ def test_frozen_in_optimizer_severity_follows_whether_it_can_move() -> None:
 
 
 def test_stale_grad_outside_the_optimizer_is_a_warning() -> None:
-    net = _conv_net()
+    net = conv_net()
     step(net)
     for p in net.stem.parameters():
         p.requires_grad_(False)
@@ -394,7 +383,7 @@ def test_stale_grad_outside_the_optimizer_is_a_warning() -> None:
     ],
 )
 def test_bn_stats_drift(how: str, expected: str | None) -> None:
-    net = _conv_net().train()
+    net = conv_net().train()
     if how.startswith("by-hand"):
         for p in net.stem.parameters():
             p.requires_grad_(False)
@@ -434,7 +423,7 @@ def test_bn_drift_on_real_hf_resnet() -> None:
 
 
 def test_unfreeze_after_optimizer_is_not_in_optimizer() -> None:
-    net = _conv_net()
+    net = conv_net()
     tfz.freeze(net, "stem", "block")
     opt = torch.optim.AdamW(tfz.param_groups(net, lr=1e-3))
     tfz.unfreeze(net, "block")  # forgot optimizer=
@@ -444,7 +433,7 @@ def test_unfreeze_after_optimizer_is_not_in_optimizer() -> None:
 
 
 def test_unfreeze_with_optimizer_is_in_optimizer() -> None:
-    net = _conv_net()
+    net = conv_net()
     tfz.freeze(net, "stem", "block")
     opt = torch.optim.AdamW(tfz.param_groups(net, lr=1e-3))
     tfz.unfreeze(net, "block", optimizer=opt, lr_mult=0.1)
@@ -452,7 +441,7 @@ def test_unfreeze_with_optimizer_is_in_optimizer() -> None:
 
 
 def test_two_optimizers_cover_the_model_together() -> None:
-    net = _conv_net()
+    net = conv_net()
     opt_a = torch.optim.SGD(net.stem.parameters(), lr=0.1)
     opt_b = torch.optim.Adam([*net.block.parameters(), *net.head.parameters()])
     assert tfz.check(net, opt_a).find("not-in-optimizer")
@@ -460,7 +449,7 @@ def test_two_optimizers_cover_the_model_together() -> None:
 
 
 def test_duplicate_param() -> None:
-    net = _conv_net()
+    net = conv_net()
     opt = torch.optim.SGD([{"params": net.stem.parameters()},
                            {"params": [*net.block.parameters(), *net.head.parameters()]}],
                           lr=0.1)
@@ -471,7 +460,7 @@ def test_duplicate_param() -> None:
 
 
 def test_optimizer_built_before_deepcopy_is_foreign() -> None:
-    net = _conv_net()
+    net = conv_net()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     net2 = copy.deepcopy(net)
     diag = tfz.check(net2, opt)
@@ -480,7 +469,7 @@ def test_optimizer_built_before_deepcopy_is_foreign() -> None:
 
 
 def test_all_frozen() -> None:
-    net = _conv_net()
+    net = conv_net()
     tfz.freeze(net)
     (f,) = tfz.check(net).find("all-frozen")
     assert f.severity == "error" and "freeze_to(model, -1)" in f.fix
@@ -493,7 +482,7 @@ def test_all_frozen() -> None:
 
 
 def test_group_added_behind_the_schedulers_back() -> None:
-    net = _conv_net()
+    net = conv_net()
     tfz.freeze(net, "block")
     opt = torch.optim.SGD(tfz.param_groups(net, lr=0.1))
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
@@ -506,7 +495,7 @@ def test_group_added_behind_the_schedulers_back() -> None:
 
 
 def test_unfreeze_with_scheduler_keeps_it_in_step() -> None:
-    net = _conv_net()
+    net = conv_net()
     tfz.freeze(net, "block")
     opt = torch.optim.SGD(tfz.param_groups(net, lr=0.1))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 ** e)
@@ -515,7 +504,7 @@ def test_unfreeze_with_scheduler_keeps_it_in_step() -> None:
 
 
 def test_scheduler_of_another_optimizer() -> None:
-    net = _conv_net()
+    net = conv_net()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     other = torch.optim.SGD(net.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.StepLR(other, step_size=1)
@@ -596,7 +585,7 @@ def test_fsdp2_dtensor_parameters(gloo_group) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    net = _conv_net()
+    net = conv_net()
     mesh = init_device_mesh("cpu", (1,))
     for p in net.block.parameters():
         p.requires_grad_(False)  # by hand, so there is something to find

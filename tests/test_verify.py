@@ -17,18 +17,7 @@ import torchfreeze as tfz
 from torchfreeze.errors import FrozenStateChanged, TorchfreezeError
 from torchfreeze.verify import VerifyReport
 
-from ._models import tiny_bert
-
-
-def conv_net() -> nn.Sequential:
-    """stem (conv+BN) -> block (conv+BN) -> head: seed 003's shape."""
-    net = nn.Sequential()
-    net.add_module("stem", nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4),
-                                         nn.ReLU()))
-    net.add_module("block", nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4),
-                                          nn.ReLU()))
-    net.add_module("head", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)))
-    return net
+from ._models import conv_net, tiny_bert
 
 
 def train_steps(model: nn.Module, opt: torch.optim.Optimizer, n: int, *,
