@@ -57,8 +57,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .errors import CacheError
-from .norm import _PinnedEval, is_batchnorm
+from ..errors import CacheError
+from ..norm import _PinnedEval, is_batchnorm
 
 __all__ = ["FeatureCache", "Storage"]
 
