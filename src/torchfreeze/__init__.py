@@ -22,6 +22,7 @@ from typing import Any
 # verify, summary, layers). Importing a submodule binds the package attribute to
 # the *module*; the explicit imports below run after, and rebind the names to the
 # functions. Keep every submodule import here, before anything uses the package.
+from .autofreeze import AutoFreeze, FreezeStats
 from .cache import FeatureCache
 from .check import Diagnosis, Finding, check
 from .errors import (
@@ -49,6 +50,7 @@ from .verify import VerifyReport, verify
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoFreeze",
     "CacheError",
     "CheckError",
     "CheckpointInfo",
@@ -58,6 +60,7 @@ __all__ = [
     "Finding",
     "FineTune",
     "FreezeStateError",
+    "FreezeStats",
     "FrozenBatchNorm",
     "FrozenStateChanged",
     "GradualUnfreeze",

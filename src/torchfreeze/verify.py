@@ -27,7 +27,7 @@ answer.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -66,6 +66,9 @@ class VerifyReport(Report):
         unfrozen: frozen at entry but trainable at exit (unfrozen inside the
             block, e.g. by a gradual-unfreeze schedule); their changes are not
             counted.
+        frozen_inside: trainable at entry and frozen inside the block by
+            :class:`~torchfreeze.AutoFreeze`: copied when they froze and
+            compared from that moment on (included in ``changed_frozen``).
         num_frozen: frozen tensors compared.
         num_trainable: trainable tensors fingerprinted.
         snapshot_bytes: memory the snapshot held.
@@ -78,6 +81,7 @@ class VerifyReport(Report):
     max_abs_change: dict[str, float] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     unfrozen: list[str] = field(default_factory=list)
+    frozen_inside: list[str] = field(default_factory=list)
     num_frozen: int = 0
     num_trainable: int = 0
     snapshot_bytes: int = 0
@@ -121,6 +125,9 @@ class VerifyReport(Report):
                     if len(self.unchanged_trainable) > 6 else "")
             parts.append(Text(f"trainable but never moved: {shown}{more} (see tfz.check)",
                               style="yellow"))
+        if self.frozen_inside:
+            parts.append(Text(f"frozen inside the block, compared from then on: "
+                              f"{len(self.frozen_inside)} tensors", style="dim"))
         if self.unfrozen:
             parts.append(Text(f"unfrozen inside the block, not counted: "
                               f"{', '.join(self.unfrozen[:6])}"
@@ -201,6 +208,17 @@ def _frozen_bn(m: nn.Module) -> bool:
     return bool(own) and not any(p.requires_grad for p in own)
 
 
+# the snapshots of the verify() blocks open now: a tensor that AutoFreeze freezes
+# inside a block is copied at that moment and compared from then on
+_OPEN: list[_Snapshot] = []
+
+
+def _frozen_now(params: Sequence[torch.Tensor]) -> None:
+    """Called by AutoFreeze right after it froze ``params`` (and pinned their BN)."""
+    for snap in list(_OPEN):
+        snap.frozen_now(params)
+
+
 class _Snapshot:
     def __init__(self, model: nn.Module, *, offload: bool) -> None:
         idx = ModelIndex(model)
@@ -209,24 +227,50 @@ class _Snapshot:
         self.kinds: dict[str, str] = {}
         self.trainable: dict[str, torch.Tensor] = {}
         self.owner: dict[str, str] = {}  # BN buffer -> its layer
+        self.frozen_inside: list[str] = []
+        self._trainable_ids: dict[int, tuple[str, torch.Tensor]] = {}
+        self._bn_later: dict[int, tuple[str, nn.Module, list[tuple[str, torch.Tensor]]]] = {}
         self.bytes = 0
         self.values = 0
         with torch.no_grad():
             for name, p in idx.params.items():
                 if p.requires_grad:
                     self.trainable[name] = _fingerprint(_local(p))
+                    self._trainable_ids[id(p)] = (name, p)
                     self.bytes += 16
                 else:
                     self._keep(name, p, "parameter")
             for mname, m in idx.modules.items():
-                if not _frozen_bn(m):
+                if not is_batchnorm(m):
                     continue
                 prefix = f"{mname}." if mname else ""
-                for bname, b in m.named_buffers(recurse=False):
-                    full = prefix + bname
-                    if b is not None and idx.buffer_name.get(id(b)) == full:
-                        self._keep(full, b, "BN buffer")
-                        self.owner[full] = mname
+                bufs = [(prefix + bname, b) for bname, b in m.named_buffers(recurse=False)
+                        if b is not None and idx.buffer_name.get(id(b)) == prefix + bname]
+                if not _frozen_bn(m):
+                    self._bn_later[id(m)] = (mname, m, bufs)
+                    continue
+                for full, b in bufs:
+                    self._keep(full, b, "BN buffer")
+                    self.owner[full] = mname
+
+    def frozen_now(self, params: Sequence[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p in params:
+                entry = self._trainable_ids.pop(id(p), None)
+                if entry is None or p.requires_grad:
+                    continue
+                name = entry[0]
+                self.trainable.pop(name, None)
+                self._keep(name, p, "parameter")
+                self.frozen_inside.append(name)
+            for key, (mname, m, bufs) in list(self._bn_later.items()):
+                if not _frozen_bn(m):
+                    continue
+                del self._bn_later[key]
+                for full, b in bufs:
+                    self._keep(full, b, "BN buffer")
+                    self.owner[full] = mname
+                    self.frozen_inside.append(full)
 
     def _keep(self, name: str, t: torch.Tensor, kind: str) -> None:
         local = _local(t)
@@ -272,6 +316,7 @@ class _Snapshot:
         report.changed_frozen = changed
         report.missing = missing
         report.unfrozen = unfrozen
+        report.frozen_inside = list(self.frozen_inside)
         report.max_abs_change = max_change
         report.unchanged_trainable = stuck
         report.num_frozen = len(self.frozen)
@@ -321,12 +366,15 @@ def verify(
         )
     report = VerifyReport()
     snapshot = _Snapshot(model, offload=offload)
+    _OPEN.append(snapshot)
     try:
         yield report
     except BaseException:
+        _OPEN.remove(snapshot)
         with contextlib.suppress(Exception):  # never mask the block's own exception
             snapshot.fill(report, model)
         raise
+    _OPEN.remove(snapshot)
     snapshot.fill(report, model)
     if strict and not report.ok:
         bad = report.changed_frozen + report.missing
