@@ -310,7 +310,7 @@ class AutoFreeze:
         >>> af = tfz.AutoFreeze(net, opt, interval=2, policy=lambda s: s.step // 2)
         >>> for _ in range(4):
         ...     net(torch.randn(8, 4)).pow(2).mean().backward()
-        ...     opt.step(); af.step(); opt.zero_grad()
+        ...     opt.step(); _ = af.step(); opt.zero_grad()
         >>> af.frozen, af.events
         (['0', '1'], [(2, '0'), (4, '1')])
         >>> net[0].weight.requires_grad, len(opt.param_groups[0]["params"])
