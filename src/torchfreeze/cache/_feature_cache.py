@@ -1,0 +1,894 @@
+"""The public FeatureCache: the keys() protocol, namespaces, refusals, replay and store."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import warnings
+from collections.abc import Hashable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ..errors import CacheError
+from ..norm import _PinnedEval, is_batchnorm
+from ._hook import (
+    Clock,
+    Discovery,
+    OutputSpec,
+    PatchedForward,
+    Placeholder,
+    PrefixSpec,
+    describe,
+    flatten_output,
+    has_placeholder,
+    install,
+    patches_of,
+    unflatten_output,
+    uninstall,
+)
+from ._storage import STORAGE_MODES, IdBatch, SlabStorage, Storage, StorageBudget, StorageMode
+
+_DROPOUT = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+_FLOAT_STORE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_Key = tuple[int, Any]  # (call of the boundary inside one keys() block, autocast state)
+
+
+class _Namespace:
+    """Entries of one (call index, autocast state): stored rows + how to rebuild outputs."""
+
+    __slots__ = ("hashes", "prefix_specs", "spec", "storage")
+
+    def __init__(self, prefix_known_empty: bool) -> None:
+        self.storage: Storage | None = None
+        self.spec: OutputSpec | None = None
+        # id(prefix module) -> output structure per call, recorded on a computed pass;
+        # replay needs it to hand out placeholders.
+        self.prefix_specs: dict[int, list[PrefixSpec]] | None = {} if prefix_known_empty \
+            else None
+        self.hashes: dict[Hashable, bytes] = {}
+
+
+class _Segment:
+    """One stretch of a forward: from the first patched call to the boundary's return."""
+
+    __slots__ = ("calls", "digests", "ns", "replay", "slots", "specs")
+
+    def __init__(self, ns: _Namespace, replay: bool, slots: torch.Tensor | None) -> None:
+        self.ns = ns
+        self.replay = replay
+        self.slots = slots
+        self.calls: dict[int, int] = {}
+        self.specs: dict[int, list[PrefixSpec]] | None = None
+        self.digests: list[bytes] | None = None
+
+
+class _Pass:
+    """State of one ``keys()`` block."""
+
+    __slots__ = ("call", "discovery", "ids", "n", "replayed", "segment", "store")
+
+    def __init__(self, ids: IdBatch, n: int) -> None:
+        self.ids = ids
+        self.n = n
+        self.call = 0
+        self.segment: _Segment | None = None
+        self.discovery: Discovery | None = None
+        self.store = True
+        self.replayed = False
+
+
+def _is_batched(value: Any, batch: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
+
+
+def _take(value: Any, batch: int, index: torch.Tensor) -> Any:
+    if _is_batched(value, batch):
+        return value.index_select(0, index.to(value.device))
+    return value
+
+
+def _tensors_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[torch.Tensor]:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            yield value
+
+
+def _autocast_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    device = "cpu"
+    for t in _tensors_in(args, kwargs):
+        device = t.device.type
+        break
+    if torch.is_autocast_enabled(device):
+        return (device, torch.get_autocast_dtype(device))
+    return None
+
+
+def _resolve_upto(model: nn.Module, upto: Any) -> tuple[nn.Module, str]:
+    names = {id(m): n for n, m in model.named_modules()}
+    if isinstance(upto, nn.Module):
+        if id(upto) not in names:
+            raise CacheError(
+                f"upto= is a {describe(upto)} that is not a submodule of this "
+                f"{describe(model)}; pass its name (e.g. 'encoder.layer.3')."
+            )
+        return upto, names[id(upto)]
+    if isinstance(upto, str):
+        try:
+            return model.get_submodule(upto), upto
+        except AttributeError:
+            pass
+    from ..select import resolve  # a real SelectionError with the closest names
+
+    sel = resolve(model, [upto], default_all=False)
+    chosen = set(sel.module_names)
+    tops = [n for n in sel.module_names
+            if not any(n.startswith(o + ".") for o in chosen if o != n and o)]
+    if len(tops) != 1:
+        shown = ", ".join(repr(t) for t in tops[:5]) + (", ..." if len(tops) > 5 else "")
+        raise CacheError(
+            f"upto={upto!r} must name exactly one module (the boundary whose output is "
+            f"replayed), but it selects {len(tops)}: {shown}. Name the last frozen module, "
+            "e.g. upto='encoder.layer.3'."
+        )
+    return model.get_submodule(tops[0]), tops[0]
+
+
+class FeatureCache:
+    """Replay the outputs of a frozen, deterministic prefix per sample id.
+
+    Two forms:
+
+    * ``FeatureCache(module)``: ``module`` (e.g. ``model.backbone``) is the prefix.
+      On a batch with misses only the missing rows run through it.
+    * ``FeatureCache(model, upto="bert.encoder.layer.3")``: the prefix of an
+      unmodified model up to a *boundary* module: every module that completes
+      before the boundary returns (found on the first call inside :meth:`keys`:
+      HF BERT's embeddings and the first encoder layers called in a loop, a
+      ResNet's stem and first stages, a ViT's patch embedding and first blocks).
+      On a batch whose ids are all stored none of the prefix runs: the prefix
+      modules hand out storage-less placeholders (glue code between them only
+      reads shapes) and the boundary replays its stored output; the rest of the
+      model runs as written. On a batch with a miss the model runs normally and
+      the missing rows are stored.
+
+    Keys: an entry is keyed by the sample id, the call of the boundary inside
+    one ``keys()`` block (a module called twice - two towers, a shared encoder -
+    stores one entry per call) and the autocast state (``bfloat16`` entries are
+    never replayed outside autocast).
+
+    The cut is proven on every replay: if anything after the boundary reads a
+    prefix output other than the boundary's (a skip connection around it,
+    ``output_hidden_states=True``, a cross path), the op that reads it raises
+    :class:`~torchfreeze.errors.CacheError` naming the module, before any result
+    is computed from the replay.
+
+    Args:
+        model: the module to cache (``upto=None``), or the model whose prefix up to
+            ``upto`` is cached.
+        upto: the boundary: a module name (or module, or selector naming exactly one
+            module) inside ``model``; its output is stored and replayed.
+        max_bytes: byte budget. With ``storage="auto"`` (default) it bounds RAM and
+            entries past it spill to memory-mapped files on disk; with ``"memory"``
+            entries past it are not stored (recomputed each time, counted as
+            misses); with ``"disk"`` it bounds the files. ``None``: no bound.
+        dtype: store floating outputs in this dtype (``torch.float16`` or
+            ``torch.bfloat16`` halve the bytes). Every output - computed or
+            replayed - is rounded the same way, so results never depend on
+            whether a sample was a hit.
+        storage: ``"auto"`` (RAM, then disk past ``max_bytes``), ``"memory"`` or
+            ``"disk"``. Disk chunks are raw files mapped with ``torch.from_file``
+            in a fresh temporary folder (inside ``directory`` when given), removed
+            by :meth:`clear`/:meth:`close`.
+        directory: parent folder for disk chunks (default: the system temp dir).
+        validate: hash every sample's inputs to the prefix (the batched tensor
+            arguments of its first module) and raise
+            :class:`~torchfreeze.errors.CacheError` when a known id comes back with
+            different input.
+        pin_eval: keep the prefix in eval mode through every ``model.train()``
+            (dropout off in the frozen prefix, the usual choice for feature
+            extraction); undone by :meth:`close`.
+
+    Attributes:
+        hits: samples replayed. misses: samples whose prefix output was computed.
+        invalidations: times the stored entries were dropped because a prefix
+        tensor changed.
+
+    Example:
+        >>> import torch, torch.nn as nn, torchfreeze as tfz
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
+        >>> _ = tfz.freeze(model, "0", "2")
+        >>> cache = tfz.FeatureCache(model, upto="2")   # prefix: model[0], model[1], model[2]
+        >>> x, ids = torch.randn(4, 8), torch.arange(4)
+        >>> with cache.keys(ids):
+        ...     first = model(x)
+        >>> with cache.keys(ids):
+        ...     again = model(x)        # model[0..2] do not run: model[2]'s rows are replayed
+        >>> torch.equal(first, again), cache.hits, cache.misses
+        (True, 4, 4)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        upto: Any = None,
+        max_bytes: int | None = None,
+        dtype: torch.dtype | None = None,
+        storage: StorageMode = "auto",
+        directory: str | os.PathLike[str] | None = None,
+        validate: bool = False,
+        pin_eval: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise CacheError(
+                f"FeatureCache needs an nn.Module (the frozen prefix), got {describe(model)}."
+            )
+        if storage not in STORAGE_MODES:
+            raise CacheError(
+                f"storage={storage!r} is not a FeatureCache storage; use one of "
+                f"{', '.join(map(repr, STORAGE_MODES))}."
+            )
+        if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
+            raise CacheError(f"max_bytes must be a non-negative int or None, got {max_bytes!r}.")
+        if dtype is not None and dtype not in _FLOAT_STORE:
+            raise CacheError(
+                f"dtype={dtype} is not a floating storage dtype; use torch.float16, "
+                "torch.bfloat16, torch.float32 or None (keep the output dtype)."
+            )
+        if upto is None:
+            boundary, bname = model, ""
+        else:
+            boundary, bname = _resolve_upto(model, upto)
+        for patch in patches_of(boundary):
+            owner = patch.owner
+            if isinstance(owner, FeatureCache) and owner.module is boundary:
+                raise CacheError(
+                    f"This {describe(boundary)} already has a FeatureCache; call close() on "
+                    "it before creating another one."
+                )
+        if pin_eval and upto is None and "train" in boundary.__dict__:
+            raise CacheError(
+                f"pin_eval=True, but this {describe(boundary)} already has a pinned train mode "
+                "(a torchfreeze BatchNorm policy?). Leave pin_eval off, or put it in eval yourself."
+            )
+        self._root = model
+        self._boundary = boundary
+        self._boundary_name = bname
+        self.upto: str | None = None if upto is None else bname
+        self.max_bytes = max_bytes
+        self.dtype = dtype
+        self.storage: StorageMode = storage
+        self.directory = None if directory is None else os.fspath(directory)
+        self.validate = validate
+        self.pin_eval = pin_eval
+        # The prefix modules besides the boundary: known (none) for the one-module form,
+        # found on the first keys() pass with upto=.
+        self._prefix: list[tuple[str, nn.Module]] | None = [] if upto is None else None
+        self._watch: list[nn.Module] = [boundary]
+        if not pin_eval:
+            self._check_deterministic(boundary, bname)
+        self._check_frozen(boundary, bname)
+
+        self.hits = 0
+        self.misses = 0
+        self.invalidations = 0
+        self._clock = Clock(bname or describe(boundary))
+        self._budget = StorageBudget(max_bytes, storage, self.directory)
+        self._namespaces: dict[_Key, _Namespace] = {}
+        self._pass: _Pass | None = None
+        self._closed = False
+        self._pinned: list[nn.Module] = []
+        self._fingerprint = self._take_fingerprint()
+        self._fast_fingerprint: tuple[int, ...] = ()
+        if upto is not None:
+            self._refuse_hidden_states(model, bname)
+        self._patches: list[PatchedForward] = [install(boundary, self._on_boundary, self)]
+        if boundary is not model:
+            self._patches.append(install(model, self._on_root, self))
+        if pin_eval:
+            self._pin(boundary)
+            if upto is not None:
+                for _, m in self._registered_prefix():
+                    self._pin(m)
+
+    # ----------------------------------------------------------------- public
+    @property
+    def module(self) -> nn.Module:
+        """The boundary: the module whose output is stored and replayed."""
+        return self._boundary
+
+    @property
+    def prefix(self) -> list[str] | None:
+        """Names of the prefix modules before the boundary, in execution order (``None``
+        until the first pass inside :meth:`keys` found them)."""
+        return None if self._prefix is None else [n for n, _ in self._prefix]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of stored outputs, RAM and disk together."""
+        return self._budget.memory_nbytes + self._budget.disk_nbytes
+
+    @property
+    def memory_nbytes(self) -> int:
+        """Bytes of stored outputs held in RAM."""
+        return self._budget.memory_nbytes
+
+    @property
+    def disk_nbytes(self) -> int:
+        """Bytes of stored outputs in memory-mapped files."""
+        return self._budget.disk_nbytes
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __len__(self) -> int:
+        return sum(len(ns.storage) for ns in self._namespaces.values() if ns.storage is not None)
+
+    def __contains__(self, sample_id: object) -> bool:
+        return any(sample_id in ns.storage for ns in self._namespaces.values()  # type: ignore[operator]
+                   if ns.storage is not None)
+
+    def __repr__(self) -> str:
+        what = describe(self._boundary) if self.upto is None else \
+            f"{describe(self._root)}, upto={self.upto!r}"
+        return (f"FeatureCache({what}, entries={len(self)}, hits={self.hits}, "
+                f"misses={self.misses}, nbytes={self.nbytes}, storage={self.storage!r})")
+
+    @contextlib.contextmanager
+    def keys(self, sample_ids: Iterable[Hashable] | torch.Tensor) -> Iterator[FeatureCache]:
+        """Make the prefix replay per sample while the context is active.
+
+        Args:
+            sample_ids: one id per sample of the batch, in batch order: a 1-D integer
+                tensor or a sequence of hashables (ints, strings). An id must name the
+                same input every time (a dataset index, a file name).
+
+        Example:
+            >>> import torch, torch.nn as nn, torchfreeze as tfz
+            >>> enc = nn.Linear(3, 3).requires_grad_(False)
+            >>> cache = tfz.FeatureCache(enc)
+            >>> with cache.keys([10, 11]):
+            ...     _ = enc(torch.ones(2, 3))
+            >>> len(cache)
+            2
+        """
+        if self._closed:
+            raise CacheError(
+                "cache.keys() on a closed FeatureCache: close() removed it from the model, "
+                "so nothing would be cached or replayed. Create a new FeatureCache."
+            )
+        ids, n = self._normalize_ids(sample_ids)
+        if self._pass is not None:
+            raise CacheError(
+                "cache.keys() contexts cannot be nested: one batch of ids is already active."
+            )
+        state = _Pass(ids, n)
+        if self._prefix is None:
+            state.discovery = Discovery(self._root, self._boundary)
+        self._pass = state
+        try:
+            yield self
+        finally:
+            self._pass = None
+            self._clock.tick += 1  # placeholders of this block are dead from here on
+            if state.discovery is not None:
+                state.discovery.remove()
+
+    def clear(self) -> None:
+        """Drop every stored output and input hash, delete disk chunks, reset counters."""
+        self._drop_entries()
+        self.hits = 0
+        self.misses = 0
+        self.invalidations = 0
+
+    def close(self) -> None:
+        """Clear, then give every patched module back its own ``forward`` (and train mode)."""
+        self._drop_entries()
+        for patch in self._patches:
+            uninstall(patch)
+        self._patches = []
+        for m in self._pinned:
+            if isinstance(m.__dict__.get("train"), _PinnedEval):
+                del m.__dict__["train"]
+        self._pinned = []
+        self._closed = True
+
+    def __enter__(self) -> FeatureCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # A FeatureCache is not part of a model's state: copies of the model never carry it.
+    # (Patched modules deep-copy and pickle to their own forward; an object that holds
+    # the cache itself shares it, like an open file.)
+    def __deepcopy__(self, memo: dict[int, Any]) -> FeatureCache:
+        return self
+
+    def __reduce__(self) -> Any:
+        raise CacheError("A FeatureCache cannot be pickled; its entries belong to one process.")
+
+    # --------------------------------------------------------------- forward
+    def _on_boundary(self, patch: PatchedForward, args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> Any:
+        state = self._pass
+        if state is None:
+            return patch.orig(*args, **kwargs)
+        try:
+            seg = state.segment or self._begin(state, args, kwargs, first_is_boundary=True)
+            ns = seg.ns
+            if seg.replay:
+                assert ns.spec is not None and ns.storage is not None and seg.slots is not None
+                self._check_digests(state, seg)
+                leaves = ns.storage.read(seg.slots, ns.spec.device)
+                self.hits += state.n
+                return unflatten_output(ns.spec, self._as_output(ns.spec, leaves))
+            if self._prefix == []:
+                return self._rows_forward(state, seg, patch, args, kwargs)
+            out = patch.orig(*args, **kwargs)
+            if has_placeholder(out):
+                return out  # an outer cache replays this stretch: nothing real to store
+            self._check_digests(state, seg)
+            if state.discovery is not None:
+                self._finish_discovery(state, ns)
+            spec, computed = flatten_output(out, state.n)
+            self._refuse_grad(computed)
+            if seg.specs is not None and ns.prefix_specs is None:
+                ns.prefix_specs = seg.specs
+            self.misses += state.n
+            if not state.store:
+                return out
+            fresh = self._store(ns, spec, state.ids, computed)
+            return out if self.dtype is None else unflatten_output(spec, fresh)
+        finally:
+            state.segment = None
+            state.call += 1
+            self._clock.tick += 1
+
+    def _on_root(self, patch: PatchedForward, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> Any:
+        out = patch.orig(*args, **kwargs)
+        state = self._pass
+        if state is not None and state.replayed:
+            for leaf in pytree.tree_leaves(out):
+                if isinstance(leaf, Placeholder):
+                    raise CacheError(
+                        f"FeatureCache(upto={self.upto!r}): the model returns the output of "
+                        f"{leaf._source!r} (a prefix module before the boundary), e.g. as hidden "
+                        "states (output_hidden_states=True), so the boundary does not cut the "
+                        "model there and that output was skipped. Do not ask for hidden states "
+                        "while caching, or choose another boundary."
+                    )
+        return out
+
+    @staticmethod
+    def _refuse_hidden_states(model: nn.Module, bname: str) -> None:
+        path = [""] + [".".join(bname.split(".")[:i + 1]) for i in range(bname.count(".") + 1)]
+        for name in path:
+            config = getattr(model.get_submodule(name), "config", None)
+            if getattr(config, "output_hidden_states", False) is True:
+                where = f"'{name}'" if name else "the model"
+                raise CacheError(
+                    f"FeatureCache(upto={bname!r}): the config of {where} has "
+                    "output_hidden_states=True, so the model returns the outputs of the prefix "
+                    "layers besides the boundary's, and those are skipped on replay. Set "
+                    "config.output_hidden_states = False while caching."
+                )
+
+    def _on_prefix(self, patch: PatchedForward, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+        state = self._pass
+        if state is None:
+            return patch.orig(*args, **kwargs)
+        seg = state.segment or self._begin(state, args, kwargs, first_is_boundary=False)
+        key = id(patch.module)
+        if seg.replay:
+            k = seg.calls.get(key, 0)
+            seg.calls[key] = k + 1
+            assert seg.ns.prefix_specs is not None
+            specs = seg.ns.prefix_specs.get(key, [])
+            if k >= len(specs):
+                raise CacheError(
+                    f"Prefix module {self._name_of(patch.module)!r} of FeatureCache(upto="
+                    f"{self.upto!r}) was called {k + 1} times in this batch but {len(specs)} "
+                    "when its entries were stored: the model takes another path now. clear() "
+                    "the cache, or cache a prefix that always runs the same way."
+                )
+            state.replayed = True
+            return specs[k].placeholders(state.n, self._clock, self._name_of(patch.module))
+        out = patch.orig(*args, **kwargs)
+        if seg.specs is not None:
+            seg.specs.setdefault(key, []).append(PrefixSpec(out, state.n))
+        return out
+
+    def _begin(self, state: _Pass, args: tuple[Any, ...], kwargs: dict[str, Any], *,
+               first_is_boundary: bool) -> _Segment:
+        self._scan()
+        if self._prefix != [] or first_is_boundary:
+            self._check_batch(state, args, kwargs)
+        key = (state.call, _autocast_key(args, kwargs))
+        ns = self._namespaces.get(key)
+        if ns is None:
+            ns = self._namespaces[key] = _Namespace(self._prefix == [])
+        slots = ns.storage.lookup(state.ids) if ns.storage is not None else None
+        replay = (slots is not None and ns.prefix_specs is not None
+                  and bool((slots >= 0).all()))
+        seg = _Segment(ns, replay, slots)
+        if not replay and self._prefix and ns.prefix_specs is None:
+            seg.specs = {}
+        if self.validate and state.discovery is None:
+            seg.digests = self._digest_inputs(args, kwargs, state.n)
+        state.segment = seg
+        return seg
+
+    def _check_batch(self, state: _Pass, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        tensors = [t for t in _tensors_in(args, kwargs) if not isinstance(t, Placeholder)]
+        if tensors and not any(_is_batched(t, state.n) for t in tensors):
+            shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
+            raise CacheError(
+                f"cache.keys() was given {state.n} sample ids, but no input of the cached "
+                f"{describe(self._boundary)} has {state.n} rows (inputs: {shapes}). Pass one id "
+                "per sample of the batch, in batch order."
+            )
+
+    def _rows_forward(self, state: _Pass, seg: _Segment, patch: PatchedForward,
+                      args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """No prefix before the boundary: run the boundary on the missing rows only."""
+        batch, ns = state.n, seg.ns
+        tensors = list(_tensors_in(args, kwargs))
+        if not any(_is_batched(t, batch) for t in tensors):
+            shapes = ", ".join(str(tuple(t.shape)) for t in tensors) or "no tensors"
+            raise CacheError(
+                f"cache.keys() was given {batch} sample ids, but no input of the cached "
+                f"{describe(self._boundary)} has {batch} rows (inputs: {shapes}). Pass one id "
+                "per sample of the batch, in batch order."
+            )
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            raise CacheError(
+                f"An input of the cached {describe(self._boundary)} requires grad, so replaying "
+                "a stored output would silently cut its gradient. Cache a prefix whose inputs "
+                "are data (not trainable activations), or run this call outside cache.keys()."
+            )
+        self._check_digests(state, seg)
+        hit = seg.slots >= 0 if seg.slots is not None else None
+        n_hit = int(hit.sum()) if hit is not None else 0
+        if n_hit == 0:
+            out = patch.orig(*args, **kwargs)
+            spec, computed = flatten_output(out, batch)
+            fresh = self._store(ns, spec, state.ids, computed)
+            self.misses += batch
+            return out if self.dtype is None else unflatten_output(spec, fresh)
+        assert hit is not None and seg.slots is not None and ns.storage is not None
+        miss_index = (~hit).nonzero().squeeze(1)
+        hit_index = hit.nonzero().squeeze(1)
+        sub_args = tuple(_take(a, batch, miss_index) for a in args)
+        sub_kwargs = {k: _take(v, batch, miss_index) for k, v in kwargs.items()}
+        out = patch.orig(*sub_args, **sub_kwargs)
+        spec, computed = flatten_output(out, len(miss_index))
+        sub_ids: IdBatch = (state.ids.index_select(0, miss_index)
+                            if isinstance(state.ids, torch.Tensor)
+                            else [state.ids[i] for i in miss_index.tolist()])
+        fresh = self._store(ns, spec, sub_ids, computed)
+        self.misses += len(miss_index)
+        self.hits += n_hit
+        replayed = self._as_output(spec, ns.storage.read(seg.slots[hit_index], spec.device))
+        merged = []
+        for i, (r, c) in enumerate(zip(replayed, fresh)):
+            if r.shape[1:] != c.shape[1:]:
+                raise CacheError(
+                    f"Output tensor {i} of the cached module has per-sample shape "
+                    f"{tuple(c.shape[1:])} in this batch but {tuple(r.shape[1:])} for the cached "
+                    "samples (dynamic padding?). Pad inputs to a fixed length when caching."
+                )
+            full = torch.empty((batch, *c.shape[1:]), dtype=c.dtype, device=c.device)
+            full.index_copy_(0, miss_index.to(c.device), c)
+            full.index_copy_(0, hit_index.to(c.device), r.to(c.device))
+            merged.append(full)
+        return unflatten_output(spec, merged)
+
+    def _refuse_grad(self, leaves: list[torch.Tensor]) -> None:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in leaves):
+            raise CacheError(
+                f"The output of the boundary {self._clock.boundary!r} requires grad, so "
+                "something trainable feeds the cached prefix (a parameter the model's own code "
+                "uses before the boundary, e.g. a class token or position embedding, or an "
+                "input that requires grad). Replaying a stored output would silently cut its "
+                "gradient. Freeze it too, or choose an earlier boundary."
+            )
+
+    def _store(self, ns: _Namespace, spec: OutputSpec, ids: IdBatch,
+               computed: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Store the rows; return the computed leaves rounded like stored ones."""
+        if ns.spec is None:
+            ns.spec = spec
+        elif not spec.same_structure(ns.spec):
+            raise CacheError(
+                f"The cached {describe(self._boundary)} returned a differently structured output "
+                f"({spec.cls.__name__} with {len(spec.dtypes)} tensor(s) of {spec.dtypes}) than "
+                f"the one already stored ({ns.spec.cls.__name__} with "
+                f"{len(ns.spec.dtypes)} of {ns.spec.dtypes}); different call arguments? "
+                "Use one FeatureCache per way of calling the module, or clear() it."
+            )
+        stored = [self._to_store(t) for t in computed]
+        if ns.storage is None:
+            ns.storage = SlabStorage(stored, self._budget)
+        else:
+            self._check_shapes(ns, stored)
+        ns.storage.write(ids, stored)
+        # Computed rows go out rounded exactly like stored ones, so a result never
+        # depends on whether its sample was a hit.
+        return [s.to(dtype=t.dtype) if s.dtype != t.dtype else t
+                for s, t in zip(stored, computed)]
+
+    def _check_shapes(self, ns: _Namespace, stored: list[torch.Tensor]) -> None:
+        storage = ns.storage
+        shapes = getattr(storage, "_shapes", None)
+        if shapes is None:
+            return
+        for i, (shape, t) in enumerate(zip(shapes, stored)):
+            if tuple(t.shape[1:]) != shape:
+                raise CacheError(
+                    f"Output tensor {i} of the cached module has per-sample shape "
+                    f"{tuple(t.shape[1:])} in this batch but {shape} for the cached samples "
+                    "(dynamic padding?). Pad inputs to a fixed length when caching."
+                )
+
+    def _to_store(self, t: torch.Tensor) -> torch.Tensor:
+        dtype = self.dtype if (self.dtype is not None and t.is_floating_point()) else t.dtype
+        return t.detach().to(dtype=dtype, memory_format=torch.contiguous_format)
+
+    def _as_output(self, spec: OutputSpec, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t if t.dtype == d else t.to(d) for t, d in zip(leaves, spec.dtypes)]
+
+    # ------------------------------------------------------------- discovery
+    def _registered_prefix(self) -> list[tuple[str, nn.Module]]:
+        """The prefix guessed from registration order (for pin_eval before the first call)."""
+        names = [n for n, _ in self._root.named_modules()]
+        bname = self._boundary_name
+        out: list[tuple[str, nn.Module]] = []
+        for name in names[:names.index(bname)]:
+            if name == "" or bname.startswith(name + "."):
+                continue  # an ancestor of the boundary
+            if any(name.startswith(o + ".") for o, _ in out):
+                continue
+            out.append((name, self._root.get_submodule(name)))
+        return out
+
+    def _finish_discovery(self, state: _Pass, ns: _Namespace) -> None:
+        disc = state.discovery
+        assert disc is not None
+        disc.remove()
+        state.discovery = None
+        found = disc.prefix()
+        if self.pin_eval:
+            guessed = {id(m) for _, m in self._registered_prefix()}
+            real = {id(m) for _, m, _ in found}
+            for m in list(self._pinned):
+                if id(m) in guessed and id(m) not in real and m is not self._boundary:
+                    self._unpin(m)
+            for _, m, _ in found:
+                if not self._is_deterministic(m):
+                    state.store = False  # this pass ran it in train mode: do not keep it
+                self._pin(m)
+        for name, m, _ in found:
+            self._check_frozen(m, name)
+            self._check_deterministic(m, name)
+        self._prefix = [(name, m) for name, m, _ in found]
+        self._watch = [m for _, m in self._prefix] + [self._boundary]
+        self._patches.extend(install(m, self._on_prefix, self) for _, m in self._prefix)
+        ns.prefix_specs = {id(m): [PrefixSpec(o, state.n) for o in outs] for _, m, outs in found}
+        self._fingerprint = self._take_fingerprint()
+        self._fast_fingerprint = ()
+
+    def _name_of(self, module: nn.Module) -> str:
+        for name, m in self._prefix or ():
+            if m is module:
+                return name
+        return describe(module)
+
+    def _pin(self, module: nn.Module) -> None:
+        if "train" in module.__dict__:
+            return  # already pinned (a torchfreeze BatchNorm policy): in eval for good
+        module.__dict__["train"] = _PinnedEval(module)
+        type(module).train(module, False)
+        self._pinned.append(module)
+
+    def _unpin(self, module: nn.Module) -> None:
+        if isinstance(module.__dict__.get("train"), _PinnedEval):
+            del module.__dict__["train"]
+            module.train(self._root.training)
+        self._pinned.remove(module)
+
+    # ---------------------------------------------------------------- checks
+    def _check_frozen(self, module: nn.Module, name: str) -> None:
+        trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+        if trainable:
+            shown = ", ".join(trainable[:4]) + (", ..." if len(trainable) > 4 else "")
+            where = f"the prefix module {name!r} ({describe(module)})" if name else \
+                f"this {describe(module)}"
+            raise CacheError(
+                f"FeatureCache cannot cache {where}: {len(trainable)} of its parameters are "
+                f"trainable ({shown}). A replayed output carries no gradient to them. Freeze "
+                f"it first (tfz.freeze(model, '{name or '<its name>'}')) or cache a smaller, "
+                "fully frozen prefix."
+            )
+
+    @staticmethod
+    def _is_deterministic(module: nn.Module) -> bool:
+        return not any(
+            (isinstance(m, _DROPOUT) and m.training and m.p > 0)
+            or (is_batchnorm(m) and (m.training or getattr(m, "running_mean", True) is None))
+            for m in module.modules()
+        )
+
+    def _check_deterministic(self, module: nn.Module, name: str) -> None:
+        what = f"the prefix module {name!r} ({describe(module)})" if name else \
+            f"this {describe(module)}"
+        for sub, m in module.named_modules():
+            where = ".".join(p for p in (name, sub) if p) or "<root>"
+            if isinstance(m, _DROPOUT) and m.training and m.p > 0:
+                raise CacheError(
+                    f"FeatureCache cannot cache {what}: dropout {where!r} (p={m.p}) is active "
+                    "because it is in train mode, so the output changes from call to call. "
+                    "Pass pin_eval=True to keep the cached prefix in eval mode through "
+                    "model.train(), or call .eval() on it."
+                )
+            if is_batchnorm(m) and (m.training or getattr(m, "running_mean", True) is None):
+                raise CacheError(
+                    f"FeatureCache cannot cache {what}: BatchNorm {where!r} normalises with "
+                    "batch statistics (train mode, or no running statistics), so a sample's "
+                    "output depends on its batch. Freeze it with tfz.freeze(..., bn='eval') "
+                    "(the default: pinned in eval), pass pin_eval=True, or call .eval() on it."
+                )
+
+    def _names_and_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for module in self._watch:
+            prefix = self._label(module)
+            for name, t in (*module.named_parameters(), *module.named_buffers()):
+                yield (f"{prefix}.{name}" if prefix else name), t
+
+    def _take_fingerprint(self) -> dict[str, tuple[int, int, int]]:
+        # _version counts in-place writes (optimizer steps, copy_, load_state_dict);
+        # data_ptr and id catch `.data =` and replaced tensors.
+        return {name: (id(t), t.data_ptr(), t._version) for name, t in self._names_and_tensors()}
+
+    def _label(self, top: nn.Module) -> str:
+        return self._boundary_name if top is self._boundary else self._name_of(top)
+
+    def _scan(self) -> None:
+        """Every-batch checks in one cheap walk (no names); names only on a finding."""
+        fast: list[int] = []
+        for top in self._watch:
+            for m in top.modules():
+                if m.training and (isinstance(m, _DROPOUT) or is_batchnorm(m)) \
+                        and not self._is_deterministic(m):
+                    self._check_deterministic(top, self._label(top))
+                for tensors in (m._parameters, m._buffers):
+                    for t in tensors.values():
+                        if t is None:
+                            continue
+                        if t.requires_grad and isinstance(t, nn.Parameter):
+                            self._check_frozen(top, self._label(top))
+                        fast += (id(t), t.data_ptr(), t._version)
+        key = tuple(fast)
+        if key != self._fast_fingerprint:
+            self._fast_fingerprint = key
+            self._check_fingerprint()
+
+    def _check_fingerprint(self) -> None:
+        now = self._take_fingerprint()
+        if now == self._fingerprint:
+            return
+        changed = sorted(k for k in now.keys() | self._fingerprint.keys()
+                         if now.get(k) != self._fingerprint.get(k))
+        dropped = len(self)
+        self._fingerprint = now
+        if dropped:
+            self._drop_entries()
+            self.invalidations += 1
+            warnings.warn(
+                f"FeatureCache: {changed[0]!r} of the cached prefix changed since its outputs "
+                f"were stored ({len(changed)} tensor(s) changed); the {dropped} stored entries "
+                "were dropped and will be recomputed.",
+                UserWarning,
+                stacklevel=5,
+            )
+
+    def _drop_entries(self) -> None:
+        for ns in self._namespaces.values():
+            if ns.storage is not None:
+                ns.storage.close()
+        self._namespaces = {}
+        self._budget.clear()
+
+    def _normalize_ids(self, sample_ids: Any) -> tuple[IdBatch, int]:
+        if isinstance(sample_ids, torch.Tensor):
+            if sample_ids.dim() != 1 or sample_ids.is_floating_point() or sample_ids.is_complex() \
+                    or sample_ids.dtype == torch.bool:
+                raise CacheError(
+                    f"sample_ids must be a 1-D integer tensor or a sequence of hashables, got a "
+                    f"{sample_ids.dtype} tensor of shape {tuple(sample_ids.shape)}."
+                )
+            if sample_ids.dtype != torch.long or sample_ids.device.type != "cpu":
+                sample_ids = sample_ids.to("cpu", torch.long)
+            return sample_ids, len(sample_ids)
+        if hasattr(sample_ids, "tolist") and not isinstance(sample_ids, (str, bytes)):
+            sample_ids = sample_ids.tolist()  # numpy arrays
+        if isinstance(sample_ids, (str, bytes)) or not isinstance(sample_ids, Iterable):
+            raise CacheError(
+                f"sample_ids must be a sequence with one id per sample, got "
+                f"{describe(sample_ids)}."
+            )
+        ids = list(sample_ids)
+        for i in ids:
+            if not isinstance(i, Hashable) or isinstance(i, float):
+                raise CacheError(
+                    f"sample id {i!r} ({describe(i)}) cannot be a cache key; use ints or strings "
+                    "(a dataset index, a file name)."
+                )
+        if ids and all(type(i) is int for i in ids):
+            return torch.tensor(ids, dtype=torch.long), len(ids)
+        return ids, len(ids)
+
+    # ------------------------------------------------------------ validation
+    def _digest_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+                       batch: int) -> list[bytes]:
+        hashers = [hashlib.blake2b(digest_size=16) for _ in range(batch)]
+        for value in (*args, *(v for _, v in sorted(kwargs.items()))):
+            if isinstance(value, Placeholder):
+                continue
+            if _is_batched(value, batch):
+                flat = value.detach().reshape(batch, -1).contiguous()
+                if flat.dtype == torch.bool:
+                    flat = flat.to(torch.uint8)
+                raw = flat.view(torch.uint8).cpu()
+                try:
+                    arr = raw.numpy()
+                except RuntimeError as exc:  # torch built without numpy
+                    raise CacheError("validate=True needs numpy to hash inputs.") from exc
+                tag = f"{value.dtype}{tuple(value.shape[1:])}".encode()
+                for i in range(batch):
+                    hashers[i].update(tag)
+                    hashers[i].update(arr[i].tobytes())
+            else:
+                tag = repr(value if not isinstance(value, torch.Tensor)
+                           else (value.dtype, tuple(value.shape))).encode()
+                for h in hashers:
+                    h.update(tag)
+        return [h.digest() for h in hashers]
+
+    def _check_digests(self, state: _Pass, seg: _Segment) -> None:
+        if seg.digests is None:
+            return
+        keys = state.ids.tolist() if isinstance(state.ids, torch.Tensor) else state.ids
+        hashes = seg.ns.hashes
+        seen: dict[Hashable, bytes] = {}
+        for key, digest in zip(keys, seg.digests):
+            known = hashes.get(key, seen.get(key))
+            if known is not None and known != digest:
+                call = f" (call {state.call + 1} of the boundary in this keys() block)" \
+                    if state.call else ""
+                raise CacheError(
+                    f"Sample id {key!r} came back with a different input{call} than the one "
+                    "its output was stored from. An id must always name the same input: data "
+                    "augmentation or a changed dataset before the cached prefix, or a batch "
+                    "whose ids do not match its rows, or a model that calls the prefix in a "
+                    "different order than before (calls are keyed by their order inside one "
+                    "keys() block). Move augmentation after the prefix, fix the ids, or do not "
+                    "cache."
+                )
+            seen.setdefault(key, digest)
+        for key, digest in seen.items():
+            hashes.setdefault(key, digest)
