@@ -213,7 +213,7 @@ def test_unfreeze_rewraps_so_ranks_stay_bit_identical(ddp_run) -> None:
 def test_unfreeze_adds_optimizer_group_like_tfz_unfreeze(ddp_run) -> None:
     groups = ddp_run[0]["groups"]
     assert len(groups) == 2
-    assert groups[1] == ("unfrozen:0", 0.005, 2)  # "module." stripped; lr_mult * 0.01
+    assert groups[1] == ("unfreeze:0", 0.005, 2)  # "module." stripped; lr_mult * 0.01
 
 
 def test_rewrap_keeps_every_construction_argument(ddp_run) -> None:

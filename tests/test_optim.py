@@ -59,7 +59,7 @@ def test_new_group_follows_the_schedule(kind: str) -> None:
     tfz.unfreeze(net, "0", optimizer=opt, lr_mult=0.1, scheduler=sched)
     assert len(opt.param_groups) == 2
     new = opt.param_groups[1]
-    assert new["name"] == "unfrozen:0" and new["param_names"] == ["0.weight", "0.bias"]
+    assert new["name"] == "unfreeze:0" and new["param_names"] == ["0.weight", "0.bias"]
     assert new["lr"] == pytest.approx(0.1 * lr0_now, rel=1e-12)  # joins where the schedule is
     seen = []
     for _ in range(6):
@@ -190,7 +190,7 @@ def test_unnamed_optimizer_gets_an_unnamed_group() -> None:
     tfz.freeze(net, "0")
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
     tfz.unfreeze(net, "0", optimizer=opt)  # torch refuses mixing named and unnamed groups
-    assert "param_names" not in opt.param_groups[1] and opt.param_groups[1]["name"] == "unfrozen:0"
+    assert "param_names" not in opt.param_groups[1] and opt.param_groups[1]["name"] == "unfreeze:0"
 
 
 def test_scheduled_optimizer_without_scheduler_warns() -> None:

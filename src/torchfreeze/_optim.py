@@ -34,7 +34,43 @@ from torch.optim import lr_scheduler as lrs
 
 from .errors import SchedulerError, TorchfreezeError
 
-__all__ = ["prepare_new_group", "scheduler_checks"]
+__all__ = ["NO_DECAY_SUFFIX", "added_group_name", "prepare_new_group", "scheduler_checks"]
+
+#: appended to a group's name for its parameters without weight decay
+NO_DECAY_SUFFIX = "/no_decay"
+
+
+def added_group_name(
+    *, epoch: int | None = None, selectors: Sequence[Any] = (), no_decay: bool = False
+) -> str:
+    """The one naming scheme for param groups torchfreeze adds to a live optimizer.
+
+    ``unfreeze@<epoch>`` for a scheduled milestone (:class:`~torchfreeze.GradualUnfreeze`,
+    both trainer callbacks), ``unfreeze:<selectors>`` for a direct
+    ``tfz.unfreeze(..., optimizer=)``; the part without weight decay gets
+    ``/no_decay`` appended, as in :func:`~torchfreeze.param_groups`.
+
+    >>> added_group_name(epoch=2), added_group_name(epoch=2, no_decay=True)
+    ('unfreeze@2', 'unfreeze@2/no_decay')
+    >>> added_group_name(selectors=("encoder.layer.11", "pooler"))
+    'unfreeze:encoder.layer.11,pooler'
+    """
+    if epoch is not None:
+        name = f"unfreeze@{epoch}"
+    else:
+        parts = [_label(s) for s in selectors]
+        name = "unfreeze:" + (",".join(parts) if parts else "*")
+    return name + (NO_DECAY_SUFFIX if no_decay else "")
+
+
+def _label(selector: Any) -> str:
+    if isinstance(selector, str):
+        return selector
+    if isinstance(selector, type):
+        return selector.__name__
+    if isinstance(selector, (list, tuple, set, frozenset)):
+        return "[" + ",".join(_label(s) for s in selector) + "]"
+    return getattr(selector, "__name__", type(selector).__name__)
 
 # keys that hold learning rates: scaled for the new group, never copied verbatim
 _LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")

@@ -56,7 +56,7 @@ from rich.text import Text
 from torch import nn
 
 from ._report import Report
-from .errors import CheckError, TorchfreezeError
+from .errors import CheckError, ModelTypeError, TorchfreezeError
 from .norm import FrozenBatchNorm, bn_policy, is_batchnorm
 from .select import ModelIndex
 
@@ -342,7 +342,7 @@ def check(
         tfz.check found 1 error in this fine-tuning set-up:
     """
     if not isinstance(model, nn.Module):
-        raise TorchfreezeError(
+        raise ModelTypeError(
             f"tfz.check() expects the model (an nn.Module) first, got {type(model).__name__}. "
             "Call it as tfz.check(model, optimizer, scheduler)."
         )
@@ -726,7 +726,7 @@ def _check_ddp(idx: ModelIndex) -> list[Finding]:
     from torch.nn.parallel import DistributedDataParallel
 
     out: list[Finding] = []
-    for name, m in idx.modules.items():
+    for name, m in idx.wrappers:
         if not isinstance(m, DistributedDataParallel):
             continue
         registered = _ddp_registered(m)

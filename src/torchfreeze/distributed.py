@@ -423,7 +423,7 @@ def unfreeze(
         lr: learning rate of the new group.
         lr_mult: or: that multiple of the first group's learning rate.
         scheduler: an LR scheduler to register the new group with.
-        group_name: name of the new group (default ``"unfrozen:<selectors>"``).
+        group_name: name of the new group (default ``"unfreeze:<selectors>"``).
 
     Returns:
         The new DDP wrapper (the old one is disabled: calling it raises), or the
@@ -464,7 +464,7 @@ def unfreeze(
                 "optimizer; pass optimizer= too (nothing was changed)."
             )
         idx = ModelIndex(module)
-        sel = resolve(module, selectors, exclude=exclude, index=idx)
+        sel = resolve(module, selectors, exclude=exclude, index=idx, trainable=True)
         if optimizer is not None:
             from ._optim import prepare_new_group
 
@@ -482,6 +482,8 @@ def unfreeze(
     except Exception as exc:  # any local failure must reach the other ranks, or they hang
         error = exc
     _agree(group, "unfreeze", error, plan)
+    if not plan[0]:  # an explicit empty selection: nothing to do, no re-wrap
+        return model
 
     snapshot = _capture(module)
     _unfreeze_module(module, *selectors, exclude=exclude)
@@ -538,7 +540,7 @@ def freeze(
     try:
         _check_bn(bn)
         idx = ModelIndex(module)
-        sel = resolve(module, selectors, exclude=exclude, index=idx)
+        sel = resolve(module, selectors, exclude=exclude, index=idx, trainable=True)
         kept: set[int] = set()
         if bn == "train":
             kept = {id(p) for m in _touched_bn(sel, idx) for p in m.parameters(False)}
@@ -556,6 +558,8 @@ def freeze(
     except Exception as exc:  # any local failure must reach the other ranks, or they hang
         error = exc
     _agree(group, "freeze", error, plan)
+    if not plan[0]:  # an explicit empty selection: nothing to do, no re-wrap
+        return model
 
     snapshot = _capture(module)
     _freeze_module(module, *selectors, bn=bn, exclude=exclude)

@@ -18,8 +18,10 @@ __all__ = [
     "FreezeStateError",
     "FrozenStateChanged",
     "LoadError",
+    "ModelTypeError",
     "SchedulerError",
     "SelectionError",
+    "TiedWeightWarning",
     "TorchfreezeError",
     "UnusedRuleWarning",
 ]
@@ -43,6 +45,10 @@ class SelectionError(TorchfreezeError, LookupError):
         super().__init__(message)
         self.selector = selector
         self.suggestions = list(suggestions)
+
+
+class ModelTypeError(TorchfreezeError, TypeError):
+    """A function that takes a model got something that is not an ``nn.Module``."""
 
 
 class LoadError(TorchfreezeError):
@@ -80,6 +86,12 @@ class CheckError(TorchfreezeError):
 class UnusedRuleWarning(UserWarning):
     """A param-group rule (or ``no_decay`` entry) that changes nothing: it matched
     only frozen parameters, or only parameters an earlier rule already claimed."""
+
+
+class TiedWeightWarning(UserWarning):
+    """Freezing or unfreezing a tied parameter (one tensor under two names, e.g. an
+    ``lm_head`` tied to the input embedding) also changes it under the name the
+    selectors did not cover."""
 
 
 class FrozenStateChanged(TorchfreezeError, AssertionError):

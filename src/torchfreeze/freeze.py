@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import DistributedFreezeError, FreezeStateError, TorchfreezeError
+from .errors import DistributedFreezeError, FreezeStateError, TiedWeightWarning, TorchfreezeError
 from .norm import _POLICY_ATTR, BN_POLICIES, BNPolicy, bn_policy, is_batchnorm, set_bn_policy
-from .select import ModelIndex, Selection, Selector, resolve
+from .select import ModelIndex, Selection, Selector, require_module, resolve
 
 __all__ = [
     "freeze",
@@ -44,6 +45,18 @@ def _refuse_wrapped(model: nn.Module, action: str) -> None:
             f"requires_grad now makes ranks silently diverge. Use "
             f"torchfreeze.distributed.{action}(ddp_model, ...) (it re-wraps), or "
             f"{action} before wrapping. Nothing was changed."
+        )
+
+
+def warn_tied(sel: Selection, action: str, stacklevel: int = 3) -> None:
+    """Say when a tied parameter changes under a name the selectors did not cover."""
+    for inside, outside in sel.tied:
+        warnings.warn(
+            f"{action} {inside!r} also {action}s {outside!r}: they are one tied tensor "
+            f"(weight tying), so both names are {action}n. Select both names to make this "
+            "explicit, or untie the weights first if you meant only one.",
+            TiedWeightWarning,
+            stacklevel=stacklevel,
         )
 
 
@@ -102,10 +115,12 @@ def freeze(
         >>> net.train().training, net[1].training   # frozen BN stays in eval
         (True, False)
     """
+    require_module(model, "freeze")
     _check_bn(bn)
     _refuse_wrapped(model, "freeze")
     idx = ModelIndex(model)
-    sel = resolve(model, selectors, exclude=exclude, index=idx)
+    sel = resolve(model, selectors, exclude=exclude, index=idx, trainable=True)
+    warn_tied(sel, "freeze")
     bns = _touched_bn(sel, idx)
     keep_trainable: set[int] = set()
     if bn == "train":
@@ -142,10 +157,10 @@ def unfreeze(
 
     With ``optimizer``, the newly trainable parameters that are not yet in it are
     added as one new param group (named ``group_name``, default
-    ``"unfrozen:<selectors>"``) with learning rate ``lr``, or ``lr_mult`` times
-    the first group's; with ``scheduler`` that group is registered with the LR
-    scheduler too. Existing optimizer state is kept. Everything is validated
-    before anything changes.
+    ``"unfreeze:<selectors>"``, the scheme of every group torchfreeze adds) with
+    learning rate ``lr``, or ``lr_mult`` times the first group's; with
+    ``scheduler`` that group is registered with the LR scheduler too. Existing
+    optimizer state is kept. Everything is validated before anything changes.
 
     Example:
         >>> import torch, torch.nn as nn, torchfreeze as tfz
@@ -156,6 +171,7 @@ def unfreeze(
         >>> [g["lr"] for g in opt.param_groups]
         [0.1, 0.010000000000000002]
     """
+    require_module(model, "unfreeze")
     _refuse_wrapped(model, "unfreeze")
     if optimizer is None and (lr is not None or lr_mult is not None or scheduler is not None):
         raise TorchfreezeError(
@@ -163,7 +179,8 @@ def unfreeze(
             "optimizer; pass optimizer= too (nothing was changed)."
         )
     idx = ModelIndex(model)
-    sel = resolve(model, selectors, exclude=exclude, index=idx)
+    sel = resolve(model, selectors, exclude=exclude, index=idx, trainable=True)
+    warn_tied(sel, "unfreeze")
     commit = None
     if optimizer is not None:
         from ._optim import prepare_new_group
@@ -192,9 +209,9 @@ def unfreeze(
 
 
 def _group_name(selectors: tuple[Any, ...]) -> str:
-    parts = [s if isinstance(s, str) else getattr(s, "__name__", type(s).__name__)
-             for s in selectors]
-    return "unfrozen:" + (",".join(parts) if parts else "*")
+    from ._optim import added_group_name
+
+    return added_group_name(selectors=selectors)
 
 
 # ---------------------------------------------------------------------------
@@ -250,6 +267,7 @@ def frozen(
         >>> net[0].weight.requires_grad
         True
     """
+    require_module(model, "frozen")
     _check_bn(bn)
     _refuse_wrapped(model, "freeze")
     snapshot = _capture(model)
@@ -286,6 +304,7 @@ def freeze_to(
     """
     from .layers import layers as find_layers
 
+    require_module(model, "freeze_to")
     _check_bn(bn)
     _refuse_wrapped(model, "freeze")
     groups = find_layers(model, example_inputs=example_inputs)
@@ -294,8 +313,11 @@ def freeze_to(
             f"freeze_to(model, {n}): the model has only {len(groups)} layer groups "
             f"({', '.join(g.name for g in groups)}). Use -{len(groups)} <= n <= {len(groups)}."
         )
-    to_freeze = [name for g in groups[:n] for name in g.param_names]
-    to_train = [name for g in groups[n:] for name in g.param_names]
+    params = ModelIndex(model).params
+    # the tensors themselves: a tied parameter is in one group by design (layers()),
+    # so naming it under one of its names here is no surprise worth a warning
+    to_freeze = [params[name] for g in groups[:n] for name in g.param_names]
+    to_train = [params[name] for g in groups[n:] for name in g.param_names]
     if to_train:
         unfreeze(model, to_train)
     if to_freeze:
@@ -321,6 +343,7 @@ def freeze_state(model: nn.Module) -> dict[str, Any]:
         >>> json.dumps(tfz.freeze_state(net)["frozen"])
         '["1.weight", "1.bias"]'
     """
+    require_module(model, "freeze_state")
     idx = ModelIndex(model)
     return {
         "format": FREEZE_STATE_FORMAT,
@@ -340,6 +363,7 @@ def load_freeze_state(model: nn.Module, state: dict[str, Any]) -> None:
         FreezeStateError: the state is not a freeze state, or names parameters or
             modules this model does not have (nothing is changed).
     """
+    require_module(model, "load_freeze_state")
     if not isinstance(state, dict) or state.get("format") != FREEZE_STATE_FORMAT:
         raise FreezeStateError(
             f"expected a dict made by tfz.freeze_state() (format {FREEZE_STATE_FORMAT!r}), "

@@ -9,6 +9,9 @@ stay fast: their kernels run once per group.
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import math
 import numbers
 import re
@@ -16,16 +19,19 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from .errors import TorchfreezeError, UnusedRuleWarning
-from .select import ModelIndex, resolve
+from .select import ModelIndex, require_module, resolve
 
-__all__ = ["UnusedRuleWarning", "is_norm_layer", "param_groups"]
+__all__ = ["UnusedRuleWarning", "is_norm_layer", "param_groups", "word_match"]
 
 
 _OWN_KEYS = ("params", "param_names", "name")
+#: the keys torchfreeze itself reads in a rule
+_TFZ_KEYS = ("lr", "lr_mult", "weight_decay", "decay_mult")
 _NORM_NAME = re.compile(r"(Layer|RMS|Group|Batch|Instance)Norm|Norm$")
 _NORM_TYPES: tuple[type, ...] = tuple(
     t
@@ -62,7 +68,65 @@ def _number(where: str, key: str, value: Any) -> float:
     return float(value)
 
 
-def _check_rule(where: str, options: Any) -> dict[str, Any]:
+@functools.cache
+def _torch_optimizer_keys() -> frozenset[str]:
+    """Every hyper-parameter some ``torch.optim`` optimizer takes."""
+    keys: set[str] = set()
+    for name in dir(torch.optim):
+        cls = getattr(torch.optim, name)
+        if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer):
+            keys |= _signature_keys(cls)
+    return frozenset(keys)
+
+
+def _signature_keys(cls: type) -> set[str]:
+    try:
+        params = inspect.signature(cls.__init__).parameters  # type: ignore[misc]
+    except (TypeError, ValueError):  # pragma: no cover - a C-implemented optimizer
+        return set()
+    return {
+        n for n, p in params.items()
+        if n not in ("self", "params") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+
+
+def _optimizer_keys(optimizer: Any) -> tuple[frozenset[str], str]:
+    """The option keys a rule may set, and what they were taken from."""
+    if optimizer is None:
+        return _torch_optimizer_keys(), "any torch.optim optimizer"
+    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        keys = set(optimizer.defaults)  # what this optimizer object reads per group
+    else:
+        keys = _signature_keys(cls)
+    if not keys:
+        raise TorchfreezeError(
+            f"optimizer={optimizer!r}: cannot tell which options it takes (no keyword "
+            "parameters in its signature). Pass the optimizer class, e.g. torch.optim.AdamW."
+        )
+    return frozenset(keys), cls.__name__
+
+
+def _check_keys(where: str, opts: Mapping[str, Any], optimizer: Any) -> None:
+    allowed, source = _optimizer_keys(optimizer)
+    valid = sorted(set(_TFZ_KEYS) | allowed)
+    for key in opts:
+        if key in _TFZ_KEYS or key in allowed or key in _OWN_KEYS or key == "requires_grad":
+            continue
+        close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+        mean = f"Did you mean {close[0]!r}? " if close else ""
+        hint = (
+            "If your optimizer takes it, pass optimizer=YourOptimizer so its options are known."
+            if optimizer is None
+            else f"{source} would silently ignore it."
+        )
+        raise TorchfreezeError(
+            f"{where}: unknown option {key!r}: neither torchfreeze's ({', '.join(_TFZ_KEYS)}) "
+            f"nor an option of {source}. {mean}{hint} Nothing was built."
+        )
+
+
+def _check_rule(where: str, options: Any, optimizer: Any = None) -> dict[str, Any]:
     if not isinstance(options, Mapping):
         raise TorchfreezeError(
             f"{where}: options must be a dict such as {{'lr_mult': 10}}, got "
@@ -86,6 +150,7 @@ def _check_rule(where: str, options: Any) -> dict[str, Any]:
         raise TorchfreezeError(
             f"{where}: {bad} are set by param_groups itself and cannot be given in a rule."
         )
+    _check_keys(where, opts, optimizer)
     for key in ("lr", "lr_mult", "weight_decay", "decay_mult"):
         if key in opts:
             opts[key] = _number(where, key, opts[key])
@@ -107,6 +172,37 @@ def _rules_list(rules: Any) -> list[tuple[Any, Any]]:
     )
 
 
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+_WORD_SPLIT = re.compile(r"[^A-Za-z0-9]+|(?<=[A-Za-z])(?=[0-9])|(?<=[0-9])(?=[A-Za-z])")
+
+
+def _words(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A name's words: split at ``_``/``.``/digits, as is and also at camelCase."""
+    plain = tuple(w.lower() for w in _WORD_SPLIT.split(name) if w)
+    camel = tuple(w.lower() for w in _WORD_SPLIT.split(_CAMEL.sub("_", name)) if w)
+    return plain, camel
+
+
+def word_match(token: str, name: str) -> bool:
+    """True when ``token``'s words appear, in a row, among ``name``'s words.
+
+    ``"norm"`` matches ``norm``, ``norm1``, ``layer_norm``, ``LayerNorm`` and
+    ``final_norm``, not ``normal_head`` or ``enormous_proj`` (the Hugging Face
+    Trainer's rule: names only at word boundaries).
+
+    >>> [word_match("norm", n) for n in ("norm1", "LayerNorm", "normal_head", "enormous")]
+    [True, True, False, False]
+    """
+    want = _words(token)[0]
+    if not want:
+        return False
+    for words in _words(name):
+        for i in range(len(words) - len(want) + 1):
+            if words[i : i + len(want)] == want:
+                return True
+    return False
+
+
 def _no_decay_ids(idx: ModelIndex, no_decay: Iterable[Any], warn: bool) -> set[int]:
     tokens: list[str] = []
     types: list[type] = []
@@ -126,14 +222,16 @@ def _no_decay_ids(idx: ModelIndex, no_decay: Iterable[Any], warn: bool) -> set[i
         own = [(k, p) for k, p in module._parameters.items() if p is not None]
         if not own:
             continue
-        path = mname.lower().split(".") if mname else []
+        path = mname.split(".") if mname else []
         norm_typed = is_norm_layer(module)
         for key, p in own:
             hit = False
             for t in tokens:
-                # a token names the parameter itself ('bias') or a module on its path
-                # ('norm' in 'LayerNorm', 'norm1'); 'norm' also means every norm layer
-                if t == key.lower() or any(t in c for c in path) or (t == "norm" and norm_typed):
+                # a token is a word of the parameter's name ('bias', 'attn_bias') or of
+                # a module on its path ('norm' in 'LayerNorm', 'norm1', not in
+                # 'normal_head'); 'norm' also means every norm layer by type
+                if (word_match(t, key) or any(word_match(t, c) for c in path)
+                        or (t == "norm" and norm_typed)):
                     used.add(t)
                     hit = True
             for t in types:
@@ -165,6 +263,7 @@ def param_groups(
     layers: Sequence[Any] | None = None,
     example_inputs: Any = None,
     merge: bool = True,
+    optimizer: Any = None,
 ) -> list[dict[str, Any]]:
     """Param groups for any ``torch.optim`` optimizer, over the trainable parameters.
 
@@ -191,13 +290,16 @@ def param_groups(
         rules: ordered ``{selector: options}`` (or a list of pairs, for
             unhashable selectors). Selectors use the grammar of
             :func:`torchfreeze.select`; options are ``"lr"``, ``"lr_mult"``,
-            ``"weight_decay"``, ``"decay_mult"`` and any optimizer
-            hyper-parameter.
+            ``"weight_decay"``, ``"decay_mult"`` and the optimizer's
+            hyper-parameters. Any other key (``"lr_mul"``) is an error with a
+            did-you-mean. A rule whose selector is an empty list is an error.
         no_decay: names and module types whose parameters get no weight decay.
-            A name matches a parameter's own name (``"bias"``) or is contained in
-            a module name on its path (``"norm"`` in ``LayerNorm``, ``norm1``);
-            ``"norm"`` also selects every normalisation layer by type (see
-            :func:`is_norm_layer`). ``()`` disables it.
+            A name matches at word boundaries (words split at ``_``, ``.``,
+            digits and camelCase) in the parameter's own name (``"bias"``,
+            ``attn_bias``) or a module name on its path (``"norm"`` in
+            ``LayerNorm``, ``norm1``, ``final_norm``; not in ``normal_head`` or
+            ``enormous_proj``); ``"norm"`` also selects every normalisation layer
+            by type (see :func:`is_norm_layer`). ``()`` disables it.
         layer_decay: layer-wise LR decay (timm/BEiT): with the groups of
             :func:`torchfreeze.layers` (stem, blocks, head), the head gets ``lr``
             and the group ``k`` levels below it ``lr x layer_decay**k``.
@@ -208,6 +310,9 @@ def param_groups(
         example_inputs: passed to :func:`torchfreeze.layers` for execution order.
         merge: merge groups with identical settings (``False``: one group per
             parameter, only useful for comparisons).
+        optimizer: the optimizer class (or object) the groups are for; rule
+            options are then checked against what it takes. Default: any
+            option some ``torch.optim`` optimizer takes is accepted.
 
     Returns:
         A list of dicts with ``"params"``, ``"name"``, ``"param_names"``, ``"lr"``,
@@ -232,6 +337,7 @@ def param_groups(
         2/no_decay 0.01 0.0 ['2.bias']
         >>> opt = torch.optim.AdamW(groups)
     """
+    require_module(model, "param_groups")
     lr = _number("param_groups", "lr", lr)
     weight_decay = _number("param_groups", "weight_decay", weight_decay)
     if layer_decay is not None and (
@@ -244,7 +350,8 @@ def param_groups(
             "layer below it lr x layer_decay**depth. Typical values: 0.65-0.9."
         )
     rule_list = [
-        (sel, _check_rule(f"rule {_label(sel)!r}", opts)) for sel, opts in _rules_list(rules)
+        (sel, _check_rule(f"rule {_label(sel)!r}", opts, optimizer))
+        for sel, opts in _rules_list(rules)
     ]
     idx = ModelIndex(model)
     trainable = [(n, p) for n, p in idx.params.items() if p.requires_grad]
@@ -258,7 +365,7 @@ def param_groups(
     # resolve every rule before deciding anything, so a bad selector fails first
     owner: dict[int, int] = {}  # param id -> rule index
     for i, (sel, _) in enumerate(rule_list):
-        picked = resolve(model, [sel], index=idx)
+        picked = resolve(model, [sel], index=idx, allow_empty=False, what="rule")
         live = [p for p in picked.params if id(p) in trainable_ids]
         fresh = [p for p in live if id(p) not in owner]
         if not live:
@@ -298,7 +405,8 @@ def param_groups(
             levels = []
             for level in layers:
                 sel = getattr(level, "param_names", level)
-                names = resolve(model, [sel], index=idx).param_names
+                names = resolve(model, [sel], index=idx, allow_empty=False,
+                                what="layers= level").param_names
                 levels.append((getattr(level, "name", None) or _label(sel), list(names)))
         n_layers = len(levels)
         for i, (lname, names) in enumerate(levels):

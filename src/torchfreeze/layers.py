@@ -11,6 +11,14 @@ their top-level children that hold parameters.
 
 These groups drive :func:`~torchfreeze.freeze_to`, layer-wise LR decay and
 unfreezing schedules.
+
+A parameter tied between the stem and the head (a language-model head sharing
+the input embedding) is one tensor, so it is in one group: the head's, where it
+is used last, as in fastai's ULMFiT split. ``freeze_to(model, -1)`` then trains
+the tied embedding/head together with the rest of the head.
+
+Wrappers (``torch.compile``, ``DataParallel``, DDP, FSDP1) are looked through;
+the names are the wrapped model's own and are valid selectors for the wrapper too.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import torch
 from torch import nn
 
 from ._report import Report, fmt_count
-from .select import ModelIndex
+from .select import ModelIndex, require_module
 
 __all__ = ["Layer", "layers"]
 
@@ -154,26 +162,39 @@ def layers(model: nn.Module, example_inputs: Any = None) -> list[Layer]:
         >>> [(g.name, g.kind) for g in tfz.layers(net)]
         [('0', 'stem'), ('1.0', 'block'), ('1.1', 'block'), ('1.2', 'block'), ('2', 'head')]
     """
+    require_module(model, "layers")
     idx = ModelIndex(model)
+    root = idx.model  # inside torch.compile / DataParallel / DDP wrappers
     stack = _find_stack(idx)
     params = list(idx.params.items())
+    shown = _head_names(idx, stack)
     if stack is None:
+        children = [(name, child) for name, child in root.named_children()
+                    if any(True for _ in child.parameters())]
+        # a parameter tied across children (an output layer sharing the input
+        # embedding) belongs to the last child that uses it (fastai's ULMFiT split)
+        last_owner: dict[int, int] = {}
+        for i, (_, child) in enumerate(children):
+            for p in child.parameters():
+                last_owner[id(p)] = i
         blocks = [
-            (name, _param_ids(child))
-            for name, child in model.named_children()
-            if any(True for _ in child.parameters())
+            (name, {id(p) for p in child.parameters() if last_owner[id(p)] == i})
+            for i, (name, child) in enumerate(children)
         ]
-        own = [(n, p) for n, p in params if any(p is q for q in model.parameters(recurse=False))]
-        return _assemble(idx, [], blocks, own, params, kinds=None)
+        own = [(n, p) for n, p in params if any(p is q for q in root.parameters(recurse=False))]
+        return _assemble(idx, [], blocks, own, params, kinds=None, shown=shown)
     blocks = [(name, _param_ids(idx.modules[name])) for name in stack.children]
     in_blocks = set().union(*(ids for _, ids in blocks))
     rest = [(n, p) for n, p in params if id(p) not in in_blocks]
     if example_inputs is not None:
-        order = _execution_order(model, example_inputs)
-        owner = {}
+        order = _execution_order(root, example_inputs)
+        owner: dict[int, int | None] = {}
         for m in idx.modules.values():
             for p in m.parameters(recurse=False):
-                owner.setdefault(id(p), order.get(id(m)))
+                pos = order.get(id(m))
+                if id(p) in owner and owner[id(p)] is not None and pos is not None:
+                    pos = max(pos, owner[id(p)])  # type: ignore[type-var]  # tied: last use
+                owner[id(p)] = pos if pos is not None else owner.get(id(p))
         first_block = min(
             (order[id(idx.modules[n])] for n in stack.children if id(idx.modules[n]) in order),
             default=None,
@@ -192,9 +213,39 @@ def layers(model: nn.Module, example_inputs: Any = None) -> list[Layer]:
         head = [np for np in rest if not before(np)]
     else:
         first_block_pos = min(i for i, (_, p) in enumerate(params) if id(p) in in_blocks)
-        stem = [np for np in rest if params.index(np) < first_block_pos]
-        head = [np for np in rest if params.index(np) > first_block_pos]
-    return _assemble(idx, stem, blocks, head, params, kinds="stack")
+        stem = [np for np in rest
+                if params.index(np) < first_block_pos and id(np[1]) not in shown]
+        head = [np for np in rest
+                if params.index(np) > first_block_pos or id(np[1]) in shown]
+    return _assemble(idx, stem, blocks, head, params, kinds="stack", shown=shown)
+
+
+def _head_names(idx: ModelIndex, stack: _Stack | None) -> dict[int, str]:
+    """Tied parameters also used after the main stack -> their name there.
+
+    A language-model head tied to the input embedding is the same tensor as the
+    embedding; it belongs to the head (last use), as in fastai's ULMFiT split,
+    so the head stays a layer group of its own.
+    """
+    if stack is None:
+        return {}
+    names: dict[int, list[str]] = {}
+    for name, p in idx.param_aliases:
+        names.setdefault(id(p), []).append(name)
+    last_block = stack.children[-1] + "."
+    order = [n for n, _ in idx.param_aliases]
+    after = max((i for i, n in enumerate(order) if n.startswith(last_block)), default=None)
+    if after is None:
+        return {}
+    out: dict[int, str] = {}
+    position = {n: i for i, n in reversed(list(enumerate(order)))}
+    for pid, ns in names.items():
+        ns = list(dict.fromkeys(ns))
+        if len(ns) > 1 and position[ns[0]] < after:
+            late = [n for n in ns if position[n] > after]
+            if late:
+                out[pid] = late[-1]
+    return out
 
 
 def _assemble(
@@ -204,6 +255,7 @@ def _assemble(
     head: list[tuple[str, nn.Parameter]],
     params: list[tuple[str, nn.Parameter]],
     kinds: str | None,
+    shown: dict[int, str] | None = None,
 ) -> list[Layer]:
     out: list[Layer] = []
     seen: set[int] = set()
@@ -224,7 +276,9 @@ def _assemble(
         )
 
     def label(members: list[tuple[str, nn.Parameter]], default: str) -> str:
-        prefix = _common_prefix(n for n, _ in members)
+        # a tied head is named where it is used last (lm_head), not by its first name
+        names = [(shown or {}).get(id(p), n) for n, p in members]
+        prefix = _common_prefix(names)
         covered = prefix in idx.modules and {id(p) for _, p in members} == _param_ids(
             idx.modules[prefix]
         )

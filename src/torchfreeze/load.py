@@ -39,7 +39,7 @@ from ._checkpoint import (
 )
 from ._report import Report, fmt_count
 from .errors import LoadError
-from .select import ModelIndex, Selector, resolve
+from .select import ModelIndex, Selector, require_module, resolve
 
 __all__ = [
     "CheckpointInfo",
@@ -422,8 +422,7 @@ def load_pretrained(
         >>> len(r.loaded), r.alignment, r.loaded_fraction
         (7, "removed prefix 'module.'", 1.0)
     """
-    if not isinstance(model, nn.Module):
-        raise LoadError(f"model must be an nn.Module, got {type(model).__name__}.")
+    require_module(model, "load_pretrained")
     if mismatched not in ("skip", "error", "partial"):
         raise LoadError(
             f"mismatched={mismatched!r} is not one of 'skip', 'error', 'partial'."

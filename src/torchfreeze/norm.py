@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .errors import SelectionError, TorchfreezeError
-from .select import Selector, resolve
+from .select import Selector, require_module, resolve
 
 __all__ = [
     "BN_POLICIES",
@@ -235,7 +235,7 @@ class FrozenBatchNorm(nn.Module):
 
 
 def _bn_modules(model: nn.Module, selectors: tuple[Selector, ...], want: type | None):
-    sel = resolve(model, selectors)
+    sel = resolve(model, selectors, allow_empty=False)
     picked = [
         (name, m)
         for name, m in zip(sel.module_names, sel.modules)
@@ -259,11 +259,13 @@ def _bn_modules(model: nn.Module, selectors: tuple[Selector, ...], want: type | 
     return picked
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    # every parent that holds this module under any alias gets the new one
-    setattr(parent, child, new)
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    # by identity: every parent that holds it (under any alias, inside any wrapper
+    # such as torch.compile's _orig_mod) gets the new one
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):
+            if child is old:
+                setattr(parent, child_name, new)
 
 
 def convert_frozen_batchnorm(model: nn.Module, *selectors: Selector) -> list[str]:
@@ -283,11 +285,12 @@ def convert_frozen_batchnorm(model: nn.Module, *selectors: Selector) -> list[str
         >>> type(net[1]).__name__
         'FrozenBatchNorm'
     """
+    require_module(model, "convert_frozen_batchnorm")
     picked = _bn_modules(model, selectors, None)
-    new = [(name, FrozenBatchNorm.from_batchnorm(m)) for name, m in picked]
-    for name, fbn in new:
-        _replace(model, name, fbn)
-    return [name for name, _ in new]
+    new = [(name, m, FrozenBatchNorm.from_batchnorm(m)) for name, m in picked]
+    for _, old, fbn in new:
+        _replace(model, old, fbn)
+    return [name for name, _, _ in new]
 
 
 def revert_frozen_batchnorm(model: nn.Module, *selectors: Selector) -> list[str]:
@@ -299,9 +302,10 @@ def revert_frozen_batchnorm(model: nn.Module, *selectors: Selector) -> list[str]
     Returns:
         The names of the reverted layers.
     """
+    require_module(model, "revert_frozen_batchnorm")
     picked = _bn_modules(model, selectors, FrozenBatchNorm)
-    new = [(name, m.to_batchnorm()) for name, m in picked]
-    for name, bn in new:
+    new = [(name, m, m.to_batchnorm()) for name, m in picked]
+    for _, old, bn in new:
         set_bn_policy(bn, "eval", training=False)
-        _replace(model, name, bn)
-    return [name for name, _ in new]
+        _replace(model, old, bn)
+    return [name for name, _, _ in new]

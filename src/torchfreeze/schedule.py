@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ._optim import prepare_new_group
+from ._optim import added_group_name, prepare_new_group
 from .errors import FreezeStateError, SelectionError, TorchfreezeError
 from .freeze import (
     _capture,
@@ -36,9 +36,10 @@ from .freeze import (
     freeze_state,
     load_freeze_state,
     unfreeze,
+    warn_tied,
 )
 from .norm import BN_POLICIES, BNPolicy, set_bn_policy
-from .select import ModelIndex, Selector, resolve
+from .select import ModelIndex, Selector, require_module, resolve
 
 __all__ = ["FineTune", "GradualUnfreeze", "fine_tune_schedule"]
 
@@ -136,6 +137,7 @@ class GradualUnfreeze:
         bn: BNPolicy = "eval",
         no_decay: Iterable[str | type[nn.Module]] = (),
     ) -> None:
+        require_module(model, "GradualUnfreeze")
         if not isinstance(schedule, Mapping) or not schedule:
             raise TorchfreezeError(
                 "schedule must be a non-empty dict {epoch: selectors}, e.g. "
@@ -151,7 +153,9 @@ class GradualUnfreeze:
         selections = {}
         for epoch in sorted(sched):
             try:
-                selections[epoch] = resolve(target, [sched[epoch]], index=idx)
+                selections[epoch] = resolve(target, [sched[epoch]], index=idx,
+                                            allow_empty=False, trainable=True,
+                                            what="the milestone")
             except SelectionError as exc:
                 raise SelectionError(
                     f"schedule[{epoch}]: {exc}", selector=exc.selector,
@@ -185,8 +189,10 @@ class GradualUnfreeze:
                     UserWarning,
                     stacklevel=2,
                 )
+        for sel in selections.values():
+            warn_tied(sel, "freeze")
         if not _is_ddp(model):
-            freeze(model, [s.param_names for s in selections.values()], bn=bn)
+            freeze(model, [s.params for s in selections.values()], bn=bn)
 
     @property
     def module(self) -> nn.Module:
@@ -210,7 +216,7 @@ class GradualUnfreeze:
         return due
 
     def _apply(self, milestone: int) -> None:
-        name = f"unfreeze@{milestone}"
+        name = added_group_name(epoch=milestone)
         before = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         n_before = len(self.optimizer.param_groups)
         options: dict[str, dict[str, Any]] = {}
@@ -246,7 +252,8 @@ class GradualUnfreeze:
         nd = _no_decay_ids(idx, self.no_decay, warn=False) if decays and self.no_decay else set()
         parts = [
             (name, [p for p in params if id(p) not in nd], {}),
-            (f"{name}/no_decay", [p for p in params if id(p) in nd], {"weight_decay": 0.0}),
+            (added_group_name(epoch=milestone, no_decay=True),
+             [p for p in params if id(p) in nd], {"weight_decay": 0.0}),
         ]
         # validate both groups before anything changes, as tfz.unfreeze does
         commits = [
@@ -434,6 +441,7 @@ def fine_tune_schedule(
     from .groups import param_groups
     from .layers import layers as find_layers
 
+    require_module(model, "fine_tune_schedule")
     _refuse_wrapped(model, "freeze")
     head_epochs = _check_epoch("head_epochs", head_epochs)
     if isinstance(head_lr_mult, bool) or not isinstance(head_lr_mult, numbers.Real) or (
@@ -451,7 +459,12 @@ def fine_tune_schedule(
                 f"{len(found)} layer group). Pass head=... explicitly."
             )
         head = list(found[-1].param_names)
-    head_sel = resolve(model, [head], index=idx)
+    try:
+        head_sel = resolve(model, [head], index=idx, allow_empty=False, trainable=True,
+                           what="head=")
+    except SelectionError as exc:
+        raise SelectionError(f"fine_tune_schedule: {exc}", selector=exc.selector,
+                             suggestions=exc.suggestions) from None
     body = [n for n, p in idx.params.items()
             if n not in set(head_sel.param_names) and (p.is_floating_point() or p.is_complex())]
     if not body:
@@ -461,11 +474,12 @@ def fine_tune_schedule(
         )
     snapshot = _capture(model)
     try:
-        unfreeze(model, head_sel.param_names)
-        freeze(model, body, bn=bn)
+        unfreeze(model, list(head_sel.params))
+        freeze(model, [idx.params[n] for n in body], bn=bn)
         opt = optimizer(
             param_groups(model, lr=lr * head_lr_mult, weight_decay=weight_decay,
-                         no_decay=no_decay),
+                         no_decay=no_decay,
+                         optimizer=optimizer if isinstance(optimizer, type) else None),
             **optimizer_kwargs,
         )
         sched = scheduler(opt) if scheduler is not None else None

@@ -16,6 +16,36 @@ something; otherwise :class:`~torchfreeze.errors.SelectionError` names the
 closest real names. Shared/tied parameters are handled once, by identity, under
 the first name PyTorch gives them.
 
+**Empty selections.** Only a call with *no selector argument at all* means the
+whole model (``tfz.freeze(model)``). An explicit empty collection (``[]``,
+``()``, ``set()``, ``[[]]``; e.g. a config's ``freeze_layers: []``) selects
+nothing. What "nothing" does depends on what the selection is for:
+
+* an *action* on the selection (:func:`~torchfreeze.freeze`,
+  :func:`~torchfreeze.unfreeze`, :func:`~torchfreeze.frozen`, the callbacks'
+  ``freeze=``, an ``exclude=`` anywhere, ``torchfreeze.distributed``) does
+  nothing and returns an empty :class:`Selection`;
+* a selection that *defines* something (a ``param_groups`` rule or ``layers=``
+  level, a ``GradualUnfreeze``/callback milestone, ``fine_tune_schedule``'s
+  ``head=``, ``convert_frozen_batchnorm``) raises
+  :class:`~torchfreeze.errors.SelectionError`, exactly like a selector that
+  matches nothing.
+
+``tfz.freeze(model, *names)`` with an empty ``names`` is the call without
+selectors (Python cannot tell them apart): pass the list itself,
+``tfz.freeze(model, names)``.
+
+**Wrappers.** ``torch.compile`` (``_orig_mod``), ``nn.DataParallel`` and
+``DistributedDataParallel`` (``module``), FSDP1 (``_fsdp_wrapped_module``) and
+activation-checkpoint wrappers (``_checkpoint_wrapped_module``) are looked
+through, at the root or around any submodule: names are the wrapped model's own
+(``encoder.layer.0``), and the wrapper's spelling (``_orig_mod.encoder.layer.0``)
+is accepted as an alias, so names are valid for both.
+
+**Buffers** are not trainable: naming one alone (``"bn.running_mean"``) in a
+function that changes ``requires_grad`` is a :class:`SelectionError` that names
+the BatchNorm policies (``bn="eval"``/``"stats"``) instead.
+
 Example:
     >>> import torch.nn as nn, torchfreeze as tfz
     >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Linear(2, 1))
@@ -39,7 +69,7 @@ import torch
 from torch import nn
 
 from ._report import fmt_count
-from .errors import SelectionError
+from .errors import ModelTypeError, SelectionError
 
 __all__ = [
     "ModelIndex",
@@ -48,8 +78,11 @@ __all__ = [
     "closest_names",
     "expand_braces",
     "name_tests",
+    "require_module",
     "resolve",
     "select",
+    "unwrap",
+    "wrapped_attr",
 ]
 
 #: Anything :func:`select` accepts (a union, list or nesting of these).
@@ -85,6 +118,9 @@ class Selection:
     params: tuple[nn.Parameter, ...] = field(default=(), repr=False, compare=False)
     modules: tuple[nn.Module, ...] = field(default=(), repr=False, compare=False)
     buffers: tuple[torch.Tensor, ...] = field(default=(), repr=False, compare=False)
+    #: (name the selectors covered, name they did not) for each tied parameter
+    #: selected under one of its names only
+    tied: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.param_names)
@@ -118,45 +154,108 @@ class Selection:
 
 
 
+def wrapped_attr(module: nn.Module) -> str | None:
+    """The child name under which ``module`` wraps another model, or None.
+
+    ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``), ``nn.DataParallel``
+    and ``DistributedDataParallel`` (``module``), FSDP1's
+    ``FullyShardedDataParallel`` (``_fsdp_wrapped_module``) and activation
+    checkpointing's ``CheckpointWrapper`` (``_checkpoint_wrapped_module``).
+    FSDP2 (``fully_shard``) changes the class in place and keeps the names.
+    """
+    kids = module._modules
+    if "_orig_mod" in kids and type(module).__name__ == "OptimizedModule":
+        return "_orig_mod"
+    if "module" in kids and isinstance(
+        module, (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    ):
+        return "module"
+    for attr in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module"):
+        if attr in kids and len(kids) == 1:
+            return attr
+    return None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside any wrappers around ``model`` itself (see :func:`wrapped_attr`).
+
+    Example:
+        >>> import torch.nn as nn
+        >>> net = nn.Linear(2, 2)
+        >>> unwrap(nn.DataParallel(net)) is net
+        True
+    """
+    seen = 0
+    while (attr := wrapped_attr(model)) is not None and seen < 8:
+        model = model._modules[attr]  # type: ignore[assignment]
+        seen += 1
+    return model
+
+
+def require_module(model: Any, func: str, arg: str = "model") -> None:
+    """Raise :class:`~torchfreeze.errors.ModelTypeError` (a ``TypeError``) unless
+    ``model`` is an ``nn.Module``."""
+    if not isinstance(model, nn.Module):
+        hint = ""
+        if isinstance(model, (str, list, tuple, type)) or callable(model):
+            hint = " (a selector? the model comes first: tfz." + func + "(model, ...))"
+        elif isinstance(model, torch.optim.Optimizer):
+            hint = " (the optimizer is passed as optimizer=...)"
+        raise ModelTypeError(
+            f"tfz.{func}() expects an nn.Module as {arg}, got {type(model).__name__}{hint}. "
+            "Pass the model itself (a torch.compile, DataParallel or DDP wrapper works too)."
+        )
+
+
 class ModelIndex:
     """Names, aliases and identities of a model's modules, parameters and buffers.
 
     Built once per call; every alias name (a tied weight reachable under two
     names) maps to the same object, and ``*_name`` maps identity back to the
-    canonical (first) name.
+    canonical (first) name. Wrappers (:func:`wrapped_attr`) are looked through:
+    canonical names leave out their ``_orig_mod.``/``module.`` part, and the
+    spelled-out names are kept as aliases. Wrapper modules themselves are in
+    ``wrappers``, not in ``modules``.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        self.root = model
+        self.model = unwrap(model)
         self.modules: dict[str, nn.Module] = {}  # canonical name -> module
         self.params: dict[str, nn.Parameter] = {}  # canonical name -> param
         self.buffers: dict[str, torch.Tensor] = {}  # canonical name -> buffer
+        self.wrappers: list[tuple[str, nn.Module]] = []  # (canonical name, wrapper)
         self.module_aliases: list[tuple[str, nn.Module]] = []
         self.param_aliases: list[tuple[str, nn.Parameter]] = []
         self.buffer_aliases: list[tuple[str, torch.Tensor]] = []
         self.module_name: dict[int, str] = {}
         self.param_name: dict[int, str] = {}
         self.buffer_name: dict[int, str] = {}
-        for mname, module in model.named_modules(remove_duplicate=False):
-            self.module_aliases.append((mname, module))
-            if id(module) not in self.module_name:
-                self.module_name[id(module)] = mname
-                self.modules[mname] = module
-            prefix = f"{mname}." if mname else ""
+        for raw, clean, module, is_wrapper in _walk(model):
+            names = [clean] if raw == clean else [clean, raw]
+            for mname in names:
+                self.module_aliases.append((mname, module))
+            if is_wrapper:
+                self.wrappers.append((clean, module))
+            elif id(module) not in self.module_name:
+                self.module_name[id(module)] = clean
+                self.modules[clean] = module
             for pname, p in module._parameters.items():
                 if p is None:
                     continue
-                full = prefix + pname
-                self.param_aliases.append((full, p))
+                for mname in names:
+                    self.param_aliases.append((f"{mname}.{pname}" if mname else pname, p))
                 if id(p) not in self.param_name:
+                    full = f"{clean}.{pname}" if clean else pname
                     self.param_name[id(p)] = full
                     self.params[full] = p
             for bname, b in module._buffers.items():
                 if b is None:
                     continue
-                full = prefix + bname
-                self.buffer_aliases.append((full, b))
+                for mname in names:
+                    self.buffer_aliases.append((f"{mname}.{bname}" if mname else bname, b))
                 if id(b) not in self.buffer_name:
+                    full = f"{clean}.{bname}" if clean else bname
                     self.buffer_name[id(b)] = full
                     self.buffers[full] = b
         self._param_order = {id(p): i for i, p in enumerate(self.params.values())}
@@ -167,11 +266,39 @@ class ModelIndex:
         names += [n for n, _ in self.buffer_aliases]
         return list(dict.fromkeys(names))
 
+    def aliases_of(self, p: torch.Tensor) -> list[str]:
+        """Every name of parameter ``p`` (several when it is tied), canonical first."""
+        return list(dict.fromkeys(n for n, q in self.param_aliases if q is p))
+
     def describe(self) -> str:
+        inside = ""
+        if self.root is not self.model:
+            inside = f" inside {type(self.root).__name__}"
         return (
-            f"{type(self.model).__name__} ({len(self.modules)} modules, "
+            f"{type(self.model).__name__}{inside} ({len(self.modules)} modules, "
             f"{len(self.params)} parameters)"
         )
+
+
+def _walk(model: nn.Module) -> Iterator[tuple[str, str, nn.Module, bool]]:
+    """``named_modules(remove_duplicate=False)`` with, for each module, its raw name,
+    its name without wrapper parts, and whether it is a wrapper."""
+    stack: list[tuple[str, str, nn.Module]] = [("", "", model)]
+    while stack:
+        raw, clean, module = stack.pop()
+        attr = wrapped_attr(module)
+        yield raw, clean, module, attr is not None
+        kids = []
+        for name, child in module._modules.items():
+            if child is None:
+                continue
+            child_raw = f"{raw}.{name}" if raw else name
+            if name == attr:
+                child_clean = clean
+            else:
+                child_clean = f"{clean}.{name}" if clean else name
+            kids.append((child_raw, child_clean, child))
+        stack.extend(reversed(kids))
 
 
 # ---------------------------------------------------------------------------
@@ -247,6 +374,10 @@ class _Hits:
     modules: set[int] = field(default_factory=set)  # ids of modules matched directly
     params: set[int] = field(default_factory=set)  # ids of params matched directly
     buffers: set[int] = field(default_factory=set)  # ids of buffers matched directly
+    # parameter names matched by a name test (a tied parameter has several names,
+    # and a name selector covers only the ones it spells)
+    param_names: set[str] = field(default_factory=set)
+    params_by_identity: set[int] = field(default_factory=set)  # tensor/callable selectors
 
     def empty(self) -> bool:
         return not (self.modules or self.params or self.buffers)
@@ -255,6 +386,8 @@ class _Hits:
         self.modules |= other.modules
         self.params |= other.params
         self.buffers |= other.buffers
+        self.param_names |= other.param_names
+        self.params_by_identity |= other.params_by_identity
 
 
 def _flatten(selectors: Iterable[Any]) -> Iterator[Any]:
@@ -280,6 +413,7 @@ def _match_names(idx: ModelIndex, test: Callable[[str], bool]) -> _Hits:
     for name, p in idx.param_aliases:
         if test(name):
             hits.params.add(id(p))
+            hits.param_names.add(name)
     for name, b in idx.buffer_aliases:
         if test(name):
             hits.buffers.add(id(b))
@@ -377,6 +511,7 @@ def _match_one(idx: ModelIndex, sel: Any) -> _Hits:
             )
         return hits
     if isinstance(sel, nn.Module):
+        sel = unwrap(sel)
         if id(sel) not in idx.module_name:
             raise SelectionError(
                 f"the {type(sel).__name__} object given as a selector is not part of "
@@ -389,6 +524,7 @@ def _match_one(idx: ModelIndex, sel: Any) -> _Hits:
     if isinstance(sel, torch.Tensor):
         if id(sel) in idx.param_name:
             hits.params.add(id(sel))
+            hits.params_by_identity.add(id(sel))
         elif id(sel) in idx.buffer_name:
             hits.buffers.add(id(sel))
         else:
@@ -401,6 +537,7 @@ def _match_one(idx: ModelIndex, sel: Any) -> _Hits:
         return hits
     # a callable (name, param) -> bool
     hits.params = {id(p) for name, p in idx.params.items() if sel(name, p)}
+    hits.params_by_identity = set(hits.params)
     if not hits.params:
         fname = getattr(sel, "__name__", type(sel).__name__)
         raise SelectionError(
@@ -411,11 +548,30 @@ def _match_one(idx: ModelIndex, sel: Any) -> _Hits:
     return hits
 
 
-def _collect(idx: ModelIndex, selectors: Iterable[Any]) -> _Hits:
+def _collect(idx: ModelIndex, selectors: Iterable[Any], *, trainable: bool = False) -> _Hits:
     total = _Hits()
     for sel in _flatten(selectors):
-        total.update(_match_one(idx, sel))
+        hits = _match_one(idx, sel)
+        if trainable and hits.buffers and not (hits.params or hits.modules):
+            raise _buffers_only(idx, sel, hits)
+        total.update(hits)
     return total
+
+
+def _buffers_only(idx: ModelIndex, sel: Any, hits: _Hits) -> SelectionError:
+    names = [n for n, b in idx.buffers.items() if id(b) in hits.buffers]
+    owners = list(dict.fromkeys(n.rpartition(".")[0] for n in names))
+    shown = sel if isinstance(sel, str) else f"a {type(sel).__name__} of shape {tuple(sel.shape)}"
+    return SelectionError(
+        f"selector {shown!r} selects only buffers ({', '.join(names[:4])}"
+        f"{', ...' if len(names) > 4 else ''}), and buffers are not trainable: requires_grad "
+        "does not apply to them. To keep BatchNorm running statistics fixed, freeze the layer "
+        f"itself ({', '.join(repr(o) for o in owners[:3] if o) or 'its module'}) with "
+        "bn='eval' (the default: statistics never move) or bn='stats' (they keep updating). "
+        "Nothing was changed.",
+        selector=sel,
+        suggestions=[o for o in owners if o],
+    )
 
 
 def _closure(idx: ModelIndex, hits: _Hits) -> tuple[set[int], set[int], set[int]]:
@@ -430,29 +586,79 @@ def _closure(idx: ModelIndex, hits: _Hits) -> tuple[set[int], set[int], set[int]
     return modules, params, buffers
 
 
+def _tied(idx: ModelIndex, hits: _Hits, params: set[int]) -> list[tuple[str, str]]:
+    """Tied parameters the selectors reached under some of their names only."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in idx.param_aliases:
+        if id(p) in params:
+            by_id.setdefault(id(p), []).append(name)
+    tied = {i: list(dict.fromkeys(ns)) for i, ns in by_id.items() if len(set(ns)) > 1}
+    if not tied:
+        return []
+    module_ids: dict[str, set[int]] = {}
+    for name, m in idx.module_aliases:
+        module_ids.setdefault(name, set()).add(id(m))
+
+    def covered(name: str) -> bool:
+        if name in hits.param_names:
+            return True
+        parts = name.split(".")[:-1]
+        return any(
+            module_ids.get(".".join(parts[:i]), set()) & hits.modules
+            for i in range(len(parts) + 1)
+        )
+
+    out = []
+    for pid, names in tied.items():
+        if pid in hits.params_by_identity:
+            continue
+        inside = [n for n in names if covered(n)]
+        outside = [n for n in names if not covered(n)]
+        if inside and outside:
+            out.append((inside[0], outside[0]))
+    return out
+
+
 def resolve(
     model: nn.Module,
     selectors: Iterable[Any] = (),
     *,
     exclude: Any = None,
     default_all: bool = True,
+    allow_empty: bool = True,
+    trainable: bool = False,
     index: ModelIndex | None = None,
+    what: str = "selection",
 ) -> Selection:
     """:func:`select` for library code: ``selectors`` as one iterable.
 
-    With no selectors and ``default_all=True`` the whole model is selected.
+    With no selectors at all and ``default_all=True`` the whole model is
+    selected. Selectors that are only empty collections (``[]``, ``[[]]``) select
+    nothing: an empty :class:`Selection`, or with ``allow_empty=False`` a
+    :class:`SelectionError` naming ``what`` (see the module docstring). With
+    ``trainable=True`` a selector that picks only buffers is an error.
     """
     idx = index if index is not None else ModelIndex(model)
-    selectors = list(_flatten(selectors))
-    if not selectors:
+    given = list(selectors)
+    flat = list(_flatten(given))
+    if not given:
         if not default_all:
             raise SelectionError(
                 "no selector given. Name what to select, e.g. 'backbone' or nn.BatchNorm2d.",
             )
-        hits = _Hits(modules={id(model)})
+        hits = _Hits(modules={id(idx.model)})
+    elif not flat:
+        if not allow_empty:
+            raise SelectionError(
+                f"{what} {_show(given)} is empty, so it selects nothing. Name what it should "
+                "select (e.g. 'head'), or leave it out.",
+                selector=given,
+            )
+        return Selection(param_names=(), module_names=())
     else:
-        hits = _collect(idx, selectors)
+        hits = _collect(idx, flat, trainable=trainable)
     modules, params, buffers = _closure(idx, hits)
+    ex_modules: set[int] = set()
     if exclude is not None:
         ex_modules, ex_params, ex_buffers = _closure(idx, _collect(idx, [exclude]))
         modules -= ex_modules
@@ -462,7 +668,7 @@ def resolve(
     for mod in idx.modules.values():
         own = [id(p) for p in mod.parameters()]
         if own and all(i in params for i in own):
-            if exclude is None or id(mod) not in ex_modules:
+            if id(mod) not in ex_modules:
                 modules.add(id(mod))
         elif own:
             modules.discard(id(mod))
@@ -472,8 +678,8 @@ def resolve(
     if not (params or modules or buffers):
         raise SelectionError(
             f"the selection is empty: exclude={exclude!r} removed everything that "
-            f"{selectors!r} matched. Narrow the exclude.",
-            selector=selectors,
+            f"{flat!r} matched. Narrow the exclude.",
+            selector=flat,
         )
     sel_params = [(n, p) for n, p in idx.params.items() if id(p) in params]
     sel_modules = [(n, m) for n, m in idx.modules.items() if id(m) in modules]
@@ -485,7 +691,12 @@ def resolve(
         params=tuple(p for _, p in sel_params),
         modules=tuple(m for _, m in sel_modules),
         buffers=tuple(b for _, b in sel_buffers),
+        tied=tuple(_tied(idx, hits, params)) if given else (),
     )
+
+
+def _show(given: list[Any]) -> str:
+    return repr(given[0] if len(given) == 1 else given)
 
 
 def select(model: nn.Module, *selectors: Selector, exclude: Selector | None = None) -> Selection:
@@ -495,7 +706,8 @@ def select(model: nn.Module, *selectors: Selector, exclude: Selector | None = No
         model: the model to search.
         *selectors: names, globs, brace patterns, ``"re:"`` regexes, module types,
             module/tensor objects, callables ``(name, param) -> bool``, or lists of
-            these. Their union is selected; none selects the whole model.
+            these. Their union is selected; no selector at all selects the whole
+            model, an empty list selects nothing.
         exclude: selectors to subtract (same grammar).
 
     Returns:
@@ -510,5 +722,8 @@ def select(model: nn.Module, *selectors: Selector, exclude: Selector | None = No
         >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
         >>> tfz.select(net, "*.weight", exclude="2").param_names
         ('0.weight',)
+        >>> len(tfz.select(net, []))   # an explicit empty list selects nothing
+        0
     """
+    require_module(model, "select")
     return resolve(model, selectors, exclude=exclude)

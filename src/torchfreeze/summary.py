@@ -14,7 +14,7 @@ from torch import nn
 
 from ._report import Report, fmt_count
 from .norm import bn_policy, is_batchnorm
-from .select import ModelIndex
+from .select import ModelIndex, require_module
 
 __all__ = ["Summary", "SummaryRow", "summary"]
 
@@ -123,6 +123,7 @@ def summary(
         >>> tfz.summary(net).headline
         'trainable 22 / 132 (16.7%)'
     """
+    require_module(model, "summary")
     idx = ModelIndex(model)
     if depth is None:
         from .layers import layers

@@ -37,7 +37,7 @@ from rich.text import Text
 from torch import nn
 
 from ._report import Report, fmt_count
-from .errors import FrozenStateChanged, TorchfreezeError
+from .errors import FrozenStateChanged, ModelTypeError
 from .norm import FrozenBatchNorm, bn_policy, is_batchnorm
 from .select import ModelIndex
 
@@ -360,7 +360,7 @@ def verify(
         (True, [], [])
     """
     if not isinstance(model, nn.Module):
-        raise TorchfreezeError(
+        raise ModelTypeError(
             f"tfz.verify() expects an nn.Module, got {type(model).__name__}. Pass the model "
             "whose frozen part must stay unchanged."
         )

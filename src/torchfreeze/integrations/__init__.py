@@ -14,9 +14,9 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import FreezeStateError, TorchfreezeError
+from ..errors import FreezeStateError, SelectionError, TorchfreezeError
 from ..freeze import _check_bn
-from ..select import Selector, select
+from ..select import Selector, resolve
 
 __all__: list[str] = []
 
@@ -68,11 +68,19 @@ class _Plan:
         self.lr_mult = lr_mult
 
     def validate(self, model: nn.Module) -> None:
-        """Resolve every selector now, so a typo fails before training, not epochs later."""
+        """Resolve every selector now, so a typo fails before training, not epochs later.
+
+        ``freeze=[]`` freezes nothing; a milestone that selects nothing is an error
+        (the rule of :mod:`torchfreeze.select`).
+        """
         if self.freeze is not None:
-            select(model, self.freeze)
-        for sel in self.schedule.values():
-            select(model, sel)
+            resolve(model, [self.freeze], trainable=True)
+        for epoch, sel in self.schedule.items():
+            try:
+                resolve(model, [sel], allow_empty=False, trainable=True, what="the milestone")
+            except SelectionError as exc:
+                raise SelectionError(f"schedule[{epoch}]: {exc}", selector=exc.selector,
+                                     suggestions=exc.suggestions) from None
 
     def to_freeze(self) -> list[Selector]:
         """``freeze`` plus every scheduled selection: frozen until its epoch comes."""

@@ -15,7 +15,9 @@ When the Trainer builds what (transformers 5.x, ``Trainer.train``):
    optimizer has the checkpoint's param groups when its state is loaded.
 3. ``on_epoch_begin``: scheduled unfreezing. The new parameters become two
    param groups of the Trainer's optimizer, split like the Trainer's own
-   (weight decay / no weight decay, ``Trainer.get_decay_parameter_names``), and
+   (weight decay / no weight decay, ``Trainer.get_decay_parameter_names``), named
+   ``unfreeze@<epoch>`` and ``unfreeze@<epoch>/no_decay`` like
+   :class:`~torchfreeze.GradualUnfreeze`'s, and
    are registered with its LR scheduler.
 
 Not supported (refused with a clear error): DeepSpeed and FSDP (they own or
@@ -40,7 +42,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .._optim import prepare_new_group
+from .._optim import added_group_name, prepare_new_group
 from ..errors import TorchfreezeError
 from ..freeze import freeze as _freeze
 from ..freeze import freeze_state, load_freeze_state, unfreeze
@@ -209,15 +211,13 @@ class FreezeCallback(TrainerCallback, ExportableState):
             else set(sel.param_names)
         commits = []
         if optimizer is not None:
-            label = self._plan.schedule[epoch]
-            label = label if isinstance(label, str) else "schedule"
             parts = (
                 ([(p, n) for p, n in zip(sel.params, sel.param_names) if n in decay],
-                 args.weight_decay, ""),
+                 args.weight_decay, False),
                 ([(p, n) for p, n in zip(sel.params, sel.param_names) if n not in decay],
-                 0.0, ":no_decay"),
+                 0.0, True),
             )
-            for pairs, wd, suffix in parts:
+            for pairs, wd, no_decay in parts:
                 pairs = [(p, n) for p, n in pairs if p.is_floating_point()]
                 if not pairs:
                     continue
@@ -225,9 +225,10 @@ class FreezeCallback(TrainerCallback, ExportableState):
                 commits.append(prepare_new_group(
                     optimizer, [p for p, _ in pairs], [n for _, n in pairs],
                     lr=self._plan.lr, lr_mult=self._plan.lr_mult, scheduler=scheduler,
-                    name=f"unfrozen@{epoch}:{label}{suffix}", options={"weight_decay": wd},
+                    name=added_group_name(epoch=epoch, no_decay=no_decay),
+                    options={"weight_decay": wd},
                 ))
-        unfreeze(model, list(sel.param_names))
+        unfreeze(model, list(sel.params))
         for commit in commits:
             commit()
         self.applied.append(epoch)
