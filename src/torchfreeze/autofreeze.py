@@ -692,7 +692,8 @@ def _resolve_groups(
         else:
             name = item if isinstance(item, str) else f"group{i}"
             sel = item
-        names = list(resolve(module, [_as_selector(sel)], index=idx).param_names)
+        names = list(resolve(module, [_as_selector(sel)], index=idx, allow_empty=False,
+                             what="layers= entry").param_names)
         names = [n for n in names if idx.params[n].is_floating_point() or
                  idx.params[n].is_complex()]
         for n in names:
