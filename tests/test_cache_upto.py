@@ -377,3 +377,37 @@ def test_keys_on_a_closed_cache_raises():
     with pytest.raises(CacheError, match="closed FeatureCache"), cache.keys(torch.arange(8)):
         model(x)
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+# ------------------------------------------------------------------------ nested caches
+def test_advance_feeds_the_later_boundary_from_the_earlier_cache():
+    """CONTRACTS.md 2 (AutoFreeze cache=True): the old prefix never runs again."""
+    plain, model = bert_pair()
+    for m in (plain, model):
+        m.eval()
+    tfz.freeze(model, "bert.encoder.layer.3")
+    early = tfz.FeatureCache(model, upto="bert.encoder.layer.1")
+    tokens = torch.randint(1, 100, (8, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = plain(input_ids=tokens).logits
+        with early.keys(torch.arange(8)):
+            model(input_ids=tokens)
+        later = early.advance(upto="bert.encoder.layer.3")
+        emb_and_early = frozen_weights(model.bert.embeddings) + frozen_weights(
+            model.bert.encoder.layer[:2])
+        between = frozen_weights(model.bert.encoder.layer[2:4])
+        counts = []
+        for ids in (torch.arange(8), torch.arange(8), torch.tensor([7, 2])):
+            old, new = CountCalls(emb_and_early), CountCalls(between)
+            with later.keys(ids), old, new:
+                out = model(input_ids=tokens[ids]).logits
+            torch.testing.assert_close(out, want[ids], rtol=1e-5, atol=1e-6)
+            counts.append((old.embedding + old.frozen_matmul, new.frozen_matmul > 0))
+    assert counts == [(0, True), (0, False), (0, False)]   # early prefix never ran again
+    assert later.prefix == ["bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1",
+                            "bert.encoder.layer.2"]
+    assert (early.hits, later.misses, later.hits) == (8, 8, 10)
+    early.close()                                # the later cache keeps working alone
+    with torch.no_grad(), later.keys(torch.arange(8)):
+        torch.testing.assert_close(model(input_ids=tokens).logits, want, rtol=1e-5, atol=1e-6)
+    assert later.hits == 18

@@ -47,9 +47,10 @@ _Key = tuple[int, Any]  # (call of the boundary inside one keys() block, autocas
 class _Namespace:
     """Entries of one (call index, autocast state): stored rows + how to rebuild outputs."""
 
-    __slots__ = ("hashes", "prefix_specs", "spec", "storage")
+    __slots__ = ("hashes", "key", "prefix_specs", "shapes", "spec", "storage")
 
-    def __init__(self, prefix_known_empty: bool) -> None:
+    def __init__(self, key: _Key, prefix_known_empty: bool) -> None:
+        self.key = key
         self.storage: Storage | None = None
         self.spec: OutputSpec | None = None
         # id(prefix module) -> output structure per call, recorded on a computed pass;
@@ -57,6 +58,7 @@ class _Namespace:
         self.prefix_specs: dict[int, list[PrefixSpec]] | None = {} if prefix_known_empty \
             else None
         self.hashes: dict[Hashable, bytes] = {}
+        self.shapes: list[tuple[int, ...]] = []
 
 
 class _Segment:
@@ -289,6 +291,7 @@ class FeatureCache:
         self._pass: _Pass | None = None
         self._closed = False
         self._pinned: list[nn.Module] = []
+        self._feeders: list[FeatureCache] = []  # earlier caches activated by keys() (advance)
         self._fingerprint = self._take_fingerprint()
         self._fast_fingerprint: tuple[int, ...] = ()
         if upto is not None:
@@ -379,12 +382,57 @@ class FeatureCache:
             state.discovery = Discovery(self._root, self._boundary)
         self._pass = state
         try:
-            yield self
+            with contextlib.ExitStack() as feeders:
+                for feeder in self._feeders:
+                    if not feeder.closed and feeder._pass is None:
+                        feeders.enter_context(feeder.keys(ids))
+                yield self
         finally:
             self._pass = None
             self._clock.tick += 1  # placeholders of this block are dead from here on
             if state.discovery is not None:
                 state.discovery.remove()
+
+    def advance(self, upto: Any) -> FeatureCache:
+        """A cache for a later boundary of the same model, fed by this one.
+
+        The new cache's ``keys()`` also activates this cache, so a batch the new
+        one misses runs with this cache replaying: the old prefix never runs
+        again for stored ids, only the layers between the two boundaries do.
+        This cache stays installed until you :meth:`close` it (e.g. once every
+        id is stored in the new one); the new cache keeps working after that.
+        Options (``max_bytes``, ``dtype``, ``storage``, ``directory``,
+        ``validate``, ``pin_eval``) are copied.
+
+        Args:
+            upto: the new boundary; it must run after this cache's boundary.
+
+        Example:
+            >>> import torch, torch.nn as nn, torchfreeze as tfz
+            >>> model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(4)])
+            >>> _ = tfz.freeze(model, "0", "1")
+            >>> first = tfz.FeatureCache(model, upto="0")
+            >>> with first.keys([0, 1]):
+            ...     _ = model(torch.ones(2, 4))
+            >>> _ = tfz.freeze(model, "1")
+            >>> later = first.advance(upto="1")
+            >>> with later.keys([0, 1]):        # model[0] replayed by `first`
+            ...     _ = model(torch.ones(2, 4))
+            >>> first.hits, later.misses, later.prefix
+            (2, 2, ['0'])
+        """
+        if self._closed:
+            raise CacheError("advance() on a closed FeatureCache; create a new one instead.")
+        if self.upto is None:
+            raise CacheError(
+                "advance() needs a cache made with upto= (FeatureCache(model, upto=...)): a "
+                "one-module cache has no model to move the boundary forward in."
+            )
+        later = FeatureCache(self._root, upto=upto, max_bytes=self.max_bytes, dtype=self.dtype,
+                             storage=self.storage, directory=self.directory,
+                             validate=self.validate, pin_eval=self.pin_eval)
+        later._feeders = [*self._feeders, self]
+        return later
 
     def clear(self) -> None:
         """Drop every stored output and input hash, delete disk chunks, reset counters."""
@@ -521,7 +569,7 @@ class FeatureCache:
         key = (state.call, _autocast_key(args, kwargs))
         ns = self._namespaces.get(key)
         if ns is None:
-            ns = self._namespaces[key] = _Namespace(self._prefix == [])
+            ns = self._namespaces[key] = _Namespace(key, self._prefix == [])
         slots = ns.storage.lookup(state.ids) if ns.storage is not None else None
         replay = (slots is not None and ns.prefix_specs is not None
                   and bool((slots >= 0).all()))
@@ -623,7 +671,8 @@ class FeatureCache:
             )
         stored = [self._to_store(t) for t in computed]
         if ns.storage is None:
-            ns.storage = SlabStorage(stored, self._budget)
+            ns.storage = self._new_storage(ns, stored)
+            ns.shapes = [tuple(t.shape[1:]) for t in stored]
         else:
             self._check_shapes(ns, stored)
         ns.storage.write(ids, stored)
@@ -632,12 +681,14 @@ class FeatureCache:
         return [s.to(dtype=t.dtype) if s.dtype != t.dtype else t
                 for s, t in zip(stored, computed)]
 
+    def _new_storage(self, ns: _Namespace, leaves: list[torch.Tensor]) -> Storage:
+        """The one place a Storage is made (CONTRACTS.md 1): from the first batch of leaves
+        of namespace ``ns`` (``ns.key``: call index, autocast state), already in the
+        storage dtype and contiguous."""
+        return SlabStorage(leaves, self._budget)
+
     def _check_shapes(self, ns: _Namespace, stored: list[torch.Tensor]) -> None:
-        storage = ns.storage
-        shapes = getattr(storage, "_shapes", None)
-        if shapes is None:
-            return
-        for i, (shape, t) in enumerate(zip(shapes, stored)):
+        for i, (shape, t) in enumerate(zip(ns.shapes, stored)):
             if tuple(t.shape[1:]) != shape:
                 raise CacheError(
                     f"Output tensor {i} of the cached module has per-sample shape "
