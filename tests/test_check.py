@@ -521,9 +521,32 @@ def test_dropout_in_frozen_bert_encoder() -> None:
     (f,) = tfz.check(model).find("dropout-in-frozen")
     assert f.severity == "info" and f.where == "bert"
     assert any(n.endswith("dropout") for n in f.names)
-    assert "tfz.FeatureCache(model.get_submodule('bert'), pin_eval=True)" in f.fix
+    assert "tfz.FeatureCache(model, upto='bert.encoder.layer.3', pin_eval=True)" in f.fix
     model.bert.eval()
     assert tfz.check(model).find("dropout-in-frozen") == []
+
+
+def test_dropout_in_frozen_prefix_is_one_finding_whose_fix_works() -> None:
+    model = tiny_bert().train()
+    tfz.freeze(model, "bert.embeddings", "bert.encoder.layer.{0..1}")
+    (f,) = tfz.check(model).find("dropout-in-frozen")      # one, not one per layer
+    assert f.where == "bert.embeddings, bert.encoder.layer.0, bert.encoder.layer.1"
+    assert len(f.names) == 7
+    fix = "tfz.FeatureCache(model, upto='bert.encoder.layer.1', pin_eval=True)"
+    assert fix in f.fix and "get_submodule" not in f.fix
+    cache = eval(fix, {"tfz": tfz, "model": model})
+    tokens = torch.randint(1, 100, (2, 6))
+    with cache.keys([0, 1]):
+        model(input_ids=tokens)
+    assert tfz.check(model).find("dropout-in-frozen") == []   # the fix pinned the prefix
+    assert cache.prefix == ["bert.embeddings", "bert.encoder.layer.0"]
+
+
+def test_dropout_in_frozen_middle_layers_cannot_be_cached() -> None:
+    model = tiny_bert().train()
+    tfz.freeze(model, "bert.encoder.layer.{1..2}")
+    (f,) = tfz.check(model).find("dropout-in-frozen")
+    assert "do not form a prefix" in f.fix and "FeatureCache" not in f.fix
 
 
 def test_dropout_in_trainable_bert_is_fine() -> None:

@@ -795,6 +795,26 @@ _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropou
             nn.FeatureAlphaDropout)
 
 
+def _frozen_prefix_boundary(idx: ModelIndex) -> str | None:
+    """The last module of the model's frozen prefix in depth order (its leading fully
+    frozen layer groups), as ``FeatureCache(model, upto=...)`` wants it; None when the
+    model does not start with a frozen layer."""
+    from .layers import layers
+
+    try:
+        groups = layers(idx.model)
+    except TorchfreezeError:
+        return None
+    boundary = None
+    for group in groups:
+        if not group.param_names or any(idx.params[n].requires_grad
+                                        for n in group.param_names if n in idx.params):
+            break
+        if group.name in idx.modules:
+            boundary = group.name
+    return boundary
+
+
 def _check_dropout(idx: ModelIndex) -> list[Finding]:
     frozen_region: dict[str, bool] = {}
     for name, m in idx.modules.items():
@@ -802,34 +822,41 @@ def _check_dropout(idx: ModelIndex) -> list[Finding]:
         frozen_region[name] = bool(ps) and not any(p.requires_grad for p in ps)
     if not any(frozen_region.values()):
         return []
-    out: list[Finding] = []
-    reported: list[str] = []
+    regions: list[str] = []
+    drops: list[str] = []
     for name, m in idx.modules.items():
         if not name or not frozen_region.get(name) or any(
-            name.startswith(r + ".") for r in reported
+            name.startswith(r + ".") for r in regions
         ):
             continue
         parent = name.rpartition(".")[0]
         if frozen_region.get(parent) and parent:
             continue  # report the outermost frozen region only
-        drops = [
+        found = [
             f"{name}.{sub}" for sub, d in m.named_modules()
             if sub and isinstance(d, _DROPOUT) and d.training and d.p > 0
         ]
-        if not drops:
-            continue
-        reported.append(name)
-        out.append(Finding(
-            "dropout-in-frozen", "info", name,
-            f"'{name}' is frozen but {len(drops)} dropout layers in it are active "
-            f"({_short(drops, 2)}): train mode randomises its output every step. Often "
-            "wanted (regularisation), but the frozen features are then not deterministic and "
-            "cannot be cached.",
-            "keep it if you want the regularisation; for a fixed feature extractor, "
-            f"tfz.FeatureCache(model.get_submodule('{name}'), pin_eval=True) keeps it in eval "
-            "through every model.train() (and caches its output), or call .eval() on it after "
-            "each model.train()",
-            names=tuple(drops),
-        ))
-    return out
-
+        if found:
+            regions.append(name)
+            drops += found
+    if not drops:
+        return []
+    # One finding for the whole frozen part: the fix is one cache over the whole frozen
+    # prefix (caching a middle layer would replay inputs that upstream dropout randomised).
+    boundary = _frozen_prefix_boundary(idx)
+    if boundary is not None:
+        cache = (f"tfz.FeatureCache(model, upto='{boundary}', pin_eval=True) keeps the whole "
+                 f"frozen prefix (up to and including '{boundary}') in eval through every "
+                 "model.train() and caches it")
+    else:
+        cache = ("the frozen modules do not form a prefix of the model (a trainable layer "
+                 "runs first), so they cannot be cached; call .eval() on them after each "
+                 "model.train()")
+    return [Finding(
+        "dropout-in-frozen", "info", _short(regions, 3),
+        f"{len(drops)} dropout layers in frozen modules are active ({_short(drops, 2)}): "
+        "train mode randomises their output every step. Often wanted (regularisation), but "
+        "the frozen features are then not deterministic and cannot be cached.",
+        f"keep it if you want the regularisation; for fixed features, {cache}",
+        names=tuple(drops),
+    )]
