@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import warnings
@@ -88,6 +87,54 @@ class _Pass:
         self.discovery: Discovery | None = None
         self.store = True
         self.replayed = False
+
+
+class _Keys:
+    """The context manager of :meth:`FeatureCache.keys` (a class: it runs every step)."""
+
+    __slots__ = ("cache", "feeders", "ids", "n", "state")
+
+    def __init__(self, cache: FeatureCache, ids: IdBatch, n: int) -> None:
+        self.cache = cache
+        self.ids = ids
+        self.n = n
+        self.feeders: list[_Keys] = []
+
+    def __enter__(self) -> FeatureCache:
+        cache = self.cache
+        if cache._closed:
+            raise CacheError(
+                "cache.keys() on a closed FeatureCache: close() removed it from the model, "
+                "so nothing would be cached or replayed. Create a new FeatureCache."
+            )
+        if cache._pass is not None:
+            raise CacheError(
+                "cache.keys() contexts cannot be nested: one batch of ids is already active."
+            )
+        state = self.state = _Pass(self.ids, self.n)
+        if cache._prefix is None:
+            state.discovery = Discovery(cache._root, cache.module)
+        cache._pass = state
+        try:
+            for feeder in cache._feeders:
+                if not feeder.closed and feeder._pass is None:
+                    keys = _Keys(feeder, self.ids, self.n)
+                    keys.__enter__()
+                    self.feeders.append(keys)
+        except BaseException:
+            self.__exit__()
+            raise
+        return cache
+
+    def __exit__(self, *exc: object) -> None:
+        for keys in reversed(self.feeders):
+            keys.__exit__()
+        self.feeders = []
+        cache, state = self.cache, self.state
+        cache._pass = None
+        cache._clock.tick += 1  # placeholders of this block are dead from here on
+        if state.discovery is not None:
+            state.discovery.remove()
 
 
 def _is_batched(value: Any, batch: int) -> bool:
@@ -293,7 +340,8 @@ class FeatureCache:
         self._pinned: list[nn.Module] = []
         self._feeders: list[FeatureCache] = []  # earlier caches activated by keys() (advance)
         self._fingerprint = self._take_fingerprint()
-        self._fast_fingerprint: tuple[int, ...] = ()
+        self._fast_fingerprint: tuple[Any, ...] = ()
+        self._rebuild_watch()
         if upto is not None:
             self._refuse_hidden_states(model, bname)
         self._patches: list[PatchedForward] = [install(boundary, self._on_boundary, self)]
@@ -349,14 +397,16 @@ class FeatureCache:
         return (f"FeatureCache({what}, entries={len(self)}, hits={self.hits}, "
                 f"misses={self.misses}, nbytes={self.nbytes}, storage={self.storage!r})")
 
-    @contextlib.contextmanager
-    def keys(self, sample_ids: Iterable[Hashable] | torch.Tensor) -> Iterator[FeatureCache]:
+    def keys(self, sample_ids: Iterable[Hashable] | torch.Tensor) -> _Keys:
         """Make the prefix replay per sample while the context is active.
 
         Args:
             sample_ids: one id per sample of the batch, in batch order: a 1-D integer
                 tensor or a sequence of hashables (ints, strings). An id must name the
                 same input every time (a dataset index, a file name).
+
+        Returns:
+            A context manager (entering it gives the cache).
 
         Example:
             >>> import torch, torch.nn as nn, torchfreeze as tfz
@@ -373,25 +423,7 @@ class FeatureCache:
                 "so nothing would be cached or replayed. Create a new FeatureCache."
             )
         ids, n = self._normalize_ids(sample_ids)
-        if self._pass is not None:
-            raise CacheError(
-                "cache.keys() contexts cannot be nested: one batch of ids is already active."
-            )
-        state = _Pass(ids, n)
-        if self._prefix is None:
-            state.discovery = Discovery(self._root, self._boundary)
-        self._pass = state
-        try:
-            with contextlib.ExitStack() as feeders:
-                for feeder in self._feeders:
-                    if not feeder.closed and feeder._pass is None:
-                        feeders.enter_context(feeder.keys(ids))
-                yield self
-        finally:
-            self._pass = None
-            self._clock.tick += 1  # placeholders of this block are dead from here on
-            if state.discovery is not None:
-                state.discovery.remove()
+        return _Keys(self, ids, n)
 
     def advance(self, upto: Any) -> FeatureCache:
         """A cache for a later boundary of the same model, fed by this one.
@@ -572,7 +604,7 @@ class FeatureCache:
             ns = self._namespaces[key] = _Namespace(key, self._prefix == [])
         slots = ns.storage.lookup(state.ids) if ns.storage is not None else None
         replay = (slots is not None and ns.prefix_specs is not None
-                  and bool((slots >= 0).all()))
+                  and (len(slots) == 0 or int(slots.min()) >= 0))
         seg = _Segment(ns, replay, slots)
         if not replay and self._prefix and ns.prefix_specs is None:
             seg.specs = {}
@@ -741,7 +773,7 @@ class FeatureCache:
         self._patches.extend(install(m, self._on_prefix, self) for _, m in self._prefix)
         ns.prefix_specs = {id(m): [PrefixSpec(o, state.n) for o in outs] for _, m, outs in found}
         self._fingerprint = self._take_fingerprint()
-        self._fast_fingerprint = ()
+        self._rebuild_watch()
 
     def _name_of(self, module: nn.Module) -> str:
         for name, m in self._prefix or ():
@@ -818,23 +850,27 @@ class FeatureCache:
     def _label(self, top: nn.Module) -> str:
         return self._boundary_name if top is self._boundary else self._name_of(top)
 
-    def _scan(self) -> None:
-        """Every-batch checks in one cheap walk (no names); names only on a finding."""
-        fast: list[int] = []
+    def _rebuild_watch(self) -> None:
+        """Flat lists for the every-batch scan: the tensor dicts and the random modules."""
+        self._tensor_dicts: list[dict[str, Any]] = []
+        self._random: list[tuple[nn.Module, nn.Module]] = []
         for top in self._watch:
             for m in top.modules():
-                if m.training and (isinstance(m, _DROPOUT) or is_batchnorm(m)) \
-                        and not self._is_deterministic(m):
-                    self._check_deterministic(top, self._label(top))
-                for tensors in (m._parameters, m._buffers):
-                    for t in tensors.values():
-                        if t is None:
-                            continue
-                        if t.requires_grad and isinstance(t, nn.Parameter):
-                            self._check_frozen(top, self._label(top))
-                        fast += (id(t), t.data_ptr(), t._version)
-        key = tuple(fast)
+                self._tensor_dicts += (m._parameters, m._buffers)
+                if isinstance(m, _DROPOUT) or is_batchnorm(m):
+                    self._random.append((top, m))
+        self._fast_fingerprint = ()
+
+    def _scan(self) -> None:
+        """Every-batch checks over flat lists (no names); names only on a finding."""
+        for top, m in self._random:
+            if m.training and not self._is_deterministic(m):
+                self._check_deterministic(top, self._label(top))
+        key = tuple([x for d in self._tensor_dicts for t in d.values() if t is not None
+                     for x in (id(t), t.data_ptr(), t._version, t.requires_grad)])
         if key != self._fast_fingerprint:
+            for top in self._watch:
+                self._check_frozen(top, self._label(top))
             self._fast_fingerprint = key
             self._check_fingerprint()
 

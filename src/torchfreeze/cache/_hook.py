@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -353,9 +354,10 @@ class _Leaf:
 class PrefixSpec:
     """The recorded output structure of one prefix-module call, to rebuild as placeholders."""
 
-    __slots__ = ("leaves", "treespec")
+    __slots__ = ("last", "leaves", "treespec")
 
     def __init__(self, out: Any, batch: int) -> None:
+        self.last: Placeholder | None = None
         flat, self.treespec = pytree.tree_flatten(out)
         self.leaves: list[Any] = []
         for x in flat:
@@ -369,6 +371,18 @@ class PrefixSpec:
                 self.leaves.append(x)
 
     def placeholders(self, batch: int, clock: Clock, source: str) -> Any:
+        if self.treespec.is_leaf() and isinstance(self.leaves[0], _Leaf):
+            # One tensor (the common case). The last one is handed out again when nothing
+            # else holds it any more (2 references: self.last and getrefcount's argument),
+            # so no stale reference can come back to life with the new tick.
+            last = self.last
+            if last is not None and last.shape[0] == batch and sys.getrefcount(last) == 2:
+                last._tick = clock.tick
+                return last
+            x = self.leaves[0]
+            self.last = Placeholder((batch, *x.shape) if x.per_sample else x.shape, x.dtype,
+                                    x.device, clock, source, x.stride)
+            return self.last
         flat = [
             Placeholder((batch, *x.shape) if x.per_sample else x.shape, x.dtype, x.device,
                         clock, source, x.stride)

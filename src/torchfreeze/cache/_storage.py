@@ -89,12 +89,11 @@ class IdIndex:
 
     def lookup(self, ids: IdBatch) -> torch.Tensor:
         if isinstance(ids, torch.Tensor):
-            n = len(self._dense)
-            if ids.numel() == 0:
-                return torch.empty(0, dtype=torch.long)
-            lo, hi = torch.aminmax(ids)
-            if lo.item() >= 0 and hi.item() < n:
-                return self._dense.index_select(0, ids)
+            if not self._other:
+                try:  # one gather; it bounds-checks (negative or too large: the slow path)
+                    return self._dense.index_select(0, ids)
+                except (IndexError, RuntimeError):
+                    pass
             return self._lookup_mixed(ids.tolist())
         return self._lookup_mixed(ids)
 
