@@ -42,7 +42,7 @@ from ..select import Selector
 from ..summary import summary
 from . import STATE_FORMAT, STATE_VERSION, _Plan
 
-__all__ = ["FreezeCallback"]
+__all__ = ["AutoFreezeCallback", "FreezeCallback"]
 
 # strategies that shard parameters or own the optimizer: requires_grad changes and
 # new param groups cannot be applied behind their back
@@ -242,3 +242,119 @@ def _check_strategy(strategy: Any) -> None:
             "DDPStrategy ('ddp'). For FSDP2 in your own loop, freeze before fully_shard "
             "(see torchfreeze.distributed)."
         )
+
+
+class AutoFreezeCallback(Callback):
+    """:class:`torchfreeze.AutoFreeze` for a LightningModule: freeze layers as they settle.
+
+    Builds an ``AutoFreeze`` over ``tfz.layers(pl_module)`` (or ``layers=``) and
+    the optimizer at fit start, and steps it after every optimizer step (with
+    gradient accumulation, once per optimizer step). Frozen layers leave the
+    optimizer and stay in eval through Lightning's ``model.train()`` calls.
+    Resumable: the checkpoint carries its state, which is applied at fit start,
+    before Lightning loads the optimizer state into the (shrunk) param groups.
+    With the ``ddp`` strategy the model is re-wrapped after each freeze.
+
+    For ``cache=True`` wrap the forward of ``training_step`` in
+    ``with callback.autofreeze.keys(sample_ids):``.
+
+    Args:
+        layers, interval, policy, percentile, cache: as :class:`torchfreeze.AutoFreeze`.
+        optimizer_index: which of ``trainer.optimizers`` to shrink.
+        verbose: log each freeze event (rank 0).
+        **options: further :class:`~torchfreeze.AutoFreeze` options (``warmup``,
+            ``patience``, ``max_per_decision``, ``pin_eval``).
+
+    Example:
+        >>> from torchfreeze.integrations.lightning import AutoFreezeCallback
+        >>> cb = AutoFreezeCallback(interval=50)
+        >>> # pl.Trainer(callbacks=[cb], ...).fit(module); cb.autofreeze.events
+    """
+
+    def __init__(
+        self,
+        *,
+        layers: Any = None,
+        interval: int = 50,
+        policy: Any = "gradnorm",
+        percentile: float = 50,
+        cache: bool = False,
+        optimizer_index: int = 0,
+        verbose: bool = True,
+        **options: Any,
+    ) -> None:
+        from ..autofreeze import AutoFreeze
+
+        self._kwargs = dict(layers=layers, interval=interval, policy=policy,
+                            percentile=percentile, cache=cache, **options)
+        unknown = set(options) - {"warmup", "patience", "max_per_decision", "pin_eval"}
+        if unknown:
+            raise TorchfreezeError(
+                f"AutoFreezeCallback got unknown options {sorted(unknown)}; AutoFreeze takes "
+                "warmup=, patience=, max_per_decision=, pin_eval=."
+            )
+        self._cls = AutoFreeze
+        self.optimizer_index = optimizer_index
+        self.verbose = verbose
+        #: the :class:`~torchfreeze.AutoFreeze` (from fit start)
+        self.autofreeze: Any = None
+        self._pending: dict[str, Any] | None = None
+        self._seen = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": STATE_FORMAT + ".auto", "version": STATE_VERSION,
+                "autofreeze": self.autofreeze.state_dict() if self.autofreeze else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # runs before the optimizer exists; applied at fit start (see FreezeCallback)
+        if not isinstance(state_dict, Mapping) or state_dict.get("format") != (
+                STATE_FORMAT + ".auto"):
+            raise FreezeStateError(
+                "the checkpoint's AutoFreezeCallback state is not one torchfreeze wrote. "
+                "Resume from a checkpoint of a run with this callback."
+            )
+        self._pending = dict(state_dict)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            _check_strategy(trainer.strategy)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pending, self._pending = self._pending, None
+        opts = trainer.optimizers
+        if not 0 <= self.optimizer_index < len(opts):
+            raise TorchfreezeError(
+                f"AutoFreezeCallback(optimizer_index={self.optimizer_index}) but the trainer "
+                f"has {len(opts)} optimizer(s). Return an optimizer from configure_optimizers."
+            )
+        opt = opts[self.optimizer_index]
+        model = trainer.strategy.model
+        assert model is not None
+        self.autofreeze = self._cls(model, opt,
+                                    scheduler=FreezeCallback._scheduler(trainer, opt),
+                                    **self._kwargs)
+        if pending is not None and pending.get("autofreeze") is not None:
+            self.autofreeze.load_state_dict(pending["autofreeze"])
+            self._sync_wrapper(trainer)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._seen = trainer.global_step  # restored by now when resuming
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        # the gradients of this step are still there: Lightning zeroes them before
+        # the next backward, not after optimizer.step()
+        if self.autofreeze is None or trainer.global_step == self._seen:
+            return
+        self._seen = trainer.global_step
+        frozen = self.autofreeze.step()
+        if frozen:
+            self._sync_wrapper(trainer)
+            if self.verbose:
+                rank_zero_info(f"torchfreeze: step {self.autofreeze.steps}: froze "
+                               f"{', '.join(frozen)} ({len(self.autofreeze.frozen)} of "
+                               f"{len(self.autofreeze.groups)} groups frozen)")
+
+    def _sync_wrapper(self, trainer: pl.Trainer) -> None:
+        if isinstance(trainer.strategy.model, DistributedDataParallel):
+            trainer.strategy.model = self.autofreeze.model

@@ -51,7 +51,7 @@ from ..select import Selector, select
 from ..summary import summary
 from . import _Plan, _state
 
-__all__ = ["FreezeCallback"]
+__all__ = ["AutoFreezeCallback", "FreezeCallback"]
 
 _PATCHED = "_torchfreeze_callback"
 
@@ -299,3 +299,132 @@ def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
 def _inner_scheduler(scheduler: Any) -> Any:
     inner = getattr(scheduler, "scheduler", None)
     return inner if inner is not None and hasattr(inner, "optimizer") else scheduler
+
+
+_AUTO_PATCHED = "_torchfreeze_auto_callback"
+
+
+class AutoFreezeCallback(TrainerCallback, ExportableState):
+    """:class:`torchfreeze.AutoFreeze` for ``transformers.Trainer``: freeze layers as they settle.
+
+    Pass it in ``Trainer(callbacks=[...])``. Right after the Trainer builds its
+    optimizer, an ``AutoFreeze`` over ``tfz.layers(model)`` (or ``layers=``) is
+    built on it, and stepped at every ``on_optimizer_step`` (after
+    ``optimizer.step()``, before the gradients are zeroed). Frozen layers leave
+    the optimizer (the Trainer's LR scheduler keeps every param group) and stay
+    in eval through the Trainer's ``model.train()``. Resumable with
+    ``train(resume_from_checkpoint=...)``: the state saved in the checkpoint's
+    ``trainer_state.json`` re-freezes the prefix before the optimizer state loads.
+
+    Not supported (refused with a clear error): several processes (the Trainer
+    keeps its DDP wrapper in a local variable, so it cannot be re-wrapped after a
+    freeze), DeepSpeed, FSDP, ``model_init``,
+    ``restore_callback_states_from_checkpoint=True``.
+
+    Args:
+        layers, interval, policy, percentile: as :class:`torchfreeze.AutoFreeze`.
+        verbose: print each freeze event (main process).
+        **options: further :class:`~torchfreeze.AutoFreeze` options (``warmup``,
+            ``patience``, ``max_per_decision``, ``pin_eval``).
+
+    Example:
+        >>> from torchfreeze.integrations.transformers import AutoFreezeCallback
+        >>> cb = AutoFreezeCallback(interval=50)
+        >>> # Trainer(model, args, train_dataset=ds, callbacks=[cb]).train(); cb.autofreeze.events
+    """
+
+    def __init__(
+        self,
+        *,
+        layers: Any = None,
+        interval: int = 50,
+        policy: Any = "gradnorm",
+        percentile: float = 50,
+        verbose: bool = True,
+        **options: Any,
+    ) -> None:
+        unknown = set(options) - {"warmup", "patience", "max_per_decision", "pin_eval"}
+        if unknown:
+            raise TorchfreezeError(
+                f"AutoFreezeCallback got unknown options {sorted(unknown)}; AutoFreeze takes "
+                "warmup=, patience=, max_per_decision=, pin_eval=."
+            )
+        self._kwargs = dict(layers=layers, interval=interval, policy=policy,
+                            percentile=percentile, **options)
+        self.verbose = verbose
+        #: the :class:`~torchfreeze.AutoFreeze` (once the Trainer built its optimizer)
+        self.autofreeze: Any = None
+        self._model: nn.Module | None = None
+
+    def state(self) -> dict[str, Any]:
+        st = self.autofreeze.state_dict() if self.autofreeze is not None else None
+        return {"args": {}, "attributes": {"tfz_auto": st}}
+
+    def on_init_end(self, args: Any, state: Any, control: Any, model: Any = None,
+                    **kwargs: Any) -> None:
+        _check_args(args)
+        if model is None:
+            raise TorchfreezeError(
+                "AutoFreezeCallback got no model at Trainer init. Pass model= to the Trainer "
+                "(model_init re-creates the model inside train() and is not supported)."
+            )
+        self._model = model
+        trainer = _calling_trainer()
+        if trainer is None:
+            raise TorchfreezeError(
+                "AutoFreezeCallback could not find the Trainer that fired on_init_end. Pass "
+                "it as transformers.Trainer(..., callbacks=[cb]) (or a subclass)."
+            )
+        if getattr(trainer, _AUTO_PATCHED, None) is not None:
+            raise TorchfreezeError("this Trainer already has an AutoFreezeCallback; use one.")
+        ref = weakref.ref(trainer)
+        create = trainer.create_optimizer  # FreezeCallback's patch, or the class's method
+
+        def create_optimizer(*a: Any, **kw: Any) -> Any:
+            optimizer = create(*a, **kw)
+            self._build(ref(), optimizer)
+            return optimizer
+
+        trainer.create_optimizer = create_optimizer
+        setattr(trainer, _AUTO_PATCHED, weakref.ref(self))
+
+    def _build(self, trainer: Any, optimizer: Any) -> None:
+        from ..autofreeze import AutoFreeze
+
+        if trainer.args.world_size > 1:
+            raise TorchfreezeError(
+                f"AutoFreezeCallback with {trainer.args.world_size} processes: the Trainer "
+                "keeps its DistributedDataParallel wrapper in a local variable of its training "
+                "loop, so the model cannot be re-wrapped after a freeze and ranks would fail. "
+                "Train in one process, or use tfz.AutoFreeze in your own DDP loop."
+            )
+        assert self._model is not None
+        self.autofreeze = AutoFreeze(self._model, optimizer, **self._kwargs)
+        saved = (trainer.state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(saved, list):
+            saved = saved[0] if saved else None
+        st = saved.get("attributes", {}).get("tfz_auto") if isinstance(saved, dict) else None
+        if st:
+            self.autofreeze.load_state_dict(st)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
+                       **kwargs: Any) -> None:
+        if self.autofreeze is None:
+            raise TorchfreezeError(
+                "AutoFreezeCallback never saw the Trainer build its optimizer. Pass it as "
+                "Trainer(..., callbacks=[cb]) (not trainer.add_callback(cb)), and let the "
+                "Trainer create the optimizer (not optimizers=(...))."
+            )
+        if model is not None and model is not self._model:
+            raise TorchfreezeError(
+                "the Trainer trains a different model object than the one AutoFreezeCallback "
+                "saw at init (model_init re-creates it inside train()). Pass model= instead."
+            )
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.autofreeze is None:
+            return
+        frozen = self.autofreeze.step()
+        if frozen and self.verbose and getattr(state, "is_world_process_zero", True):
+            print(f"torchfreeze: step {self.autofreeze.steps}: froze {', '.join(frozen)} "
+                  f"({len(self.autofreeze.frozen)} of {len(self.autofreeze.groups)} groups)")
