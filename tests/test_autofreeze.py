@@ -500,3 +500,72 @@ def test_load_state_dict_refuses_mismatches() -> None:
     with pytest.raises(FreezeStateError, match="interval"):
         fresh.load_state_dict(dict(state, interval=7))
     assert fresh.frozen == [] and fresh.steps == 0
+
+
+# ---------------------------------------------------------------------------
+# cache=True
+
+
+DATA = _bert_batch(99, n=24)
+
+
+def _epochs(model, opt, af, steps: int, *, batch: int = 8) -> list[float]:
+    x, y = DATA
+    losses = []
+    for step in range(steps):
+        model.train()
+        ids = torch.arange(step * batch, (step + 1) * batch) % len(y)
+        with af.keys(ids):
+            loss = nn.functional.cross_entropy(model(input_ids=x[ids]).logits, y[ids])
+        loss.backward()
+        opt.step()
+        af.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("policy", ["gradnorm", "schedule"])
+def test_cache_gives_the_same_decisions_and_losses(policy: str) -> None:
+    runs = []
+    for cache in (False, True):
+        torch.manual_seed(0)
+        model = tiny_bert()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        kw = ({"policy": schedule_policy(3)} if policy == "schedule"
+              else {"warmup": 0, "patience": 1})
+        af = tfz.AutoFreeze(model, opt, interval=3, cache=cache, **kw)
+        losses = _epochs(model, opt, af, 18)
+        runs.append((losses, list(af.events), model.state_dict(), af))
+    (l0, e0, s0, _), (l1, e1, s1, af) = runs
+    assert len(e0) >= 2 and e0 == e1
+    assert l0 == pytest.approx(l1, abs=1e-5)
+    for name, t in s0.items():
+        torch.testing.assert_close(s1[name], t, atol=1e-5, rtol=1e-5)
+    assert af.caches and af.cache_hits > 0 and af.cache_misses > 0
+    af.close()
+
+
+def test_cache_old_prefix_never_runs_again() -> None:
+    model = tiny_bert()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    answers = {3: 1, 9: 2}  # embeddings frozen after step 3, layer 0 after step 9
+    af = tfz.AutoFreeze(model, opt, interval=3, cache=True,
+                        policy=lambda s: answers.get(s.step, s.frozen))
+    calls: list[str] = []
+    model.bert.embeddings.word_embeddings.register_forward_hook(lambda *a: calls.append("emb"))
+    model.bert.encoder.layer[0].attention.self.query.register_forward_hook(
+        lambda *a: calls.append("l0"))
+    _epochs(model, opt, af, 9)  # 3 batches per epoch: epochs 2 and 3 run with emb cached
+    assert calls.count("emb") == 3 + 3  # epoch 1, and epoch 2 filling the cache
+    calls.clear()
+    _epochs(model, opt, af, 3)  # layer 0 frozen now: its outputs are computed once...
+    assert calls == ["l0"] * 3  # ...from the embeddings' stored rows
+    assert [c.upto for c in af.caches] == ["bert.encoder.layer.0"]  # old cache retired
+    calls.clear()
+    _epochs(model, opt, af, 3)
+    assert calls == []
+    model.train()
+    assert not model.bert.embeddings.dropout.training  # still pinned after the old cache closed
+    af.close()
+    assert af.caches == []

@@ -395,6 +395,9 @@ class AutoFreeze:
         self.events: list[tuple[int, str]] = []
         self.history: list[IntervalRecord] = []
         self.freed_bytes: int = 0
+        self._caches: list[Any] = []
+        self._retired: tuple[int, int] = (0, 0)
+        self._pinned: list[nn.Module] = []
 
     # ------------------------------------------------------------------ views
 
@@ -552,7 +555,7 @@ class AutoFreeze:
             freeze(self.module, names, bn="eval")
         if self.pin_eval:
             for gi in new:
-                _pin_eval(self.module, self._groups[gi][1])
+                self._pinned += _pin_eval(self.module, self._groups[gi][1])
         self.freed_bytes += _drop_from_optimizer(self._opt, params)
         from .verify import _frozen_now
 
@@ -561,6 +564,8 @@ class AutoFreeze:
             self.events.extend((self._step, self.groups[gi]) for gi in new)
         self._n = target
         self._seg_key = None
+        if self.cache:
+            self._new_cache()
 
     # ------------------------------------------------------------------ cache
 
@@ -568,10 +573,78 @@ class AutoFreeze:
     def keys(self, sample_ids: Iterable[Hashable] | torch.Tensor) -> Iterator[None]:
         """Name the samples of the coming forward pass (one id per sample).
 
-        A no-op unless ``cache=True``: then the frozen prefix's output is stored
-        under these ids and replayed the next time they come.
+        A no-op unless ``cache=True``. Then the frozen prefix is cached by a
+        :class:`~torchfreeze.FeatureCache` with ``upto=`` the last frozen group:
+        stored samples skip the whole prefix. When the boundary moves forward,
+        the previous boundary's cache stays active beside the new one until the
+        new one holds as many entries, so a miss of the new boundary runs only
+        the newly frozen groups, from the old boundary's stored output (the old
+        prefix never runs again).
         """
-        yield None
+        if not self._caches:
+            yield None
+            return
+        with contextlib.ExitStack() as stack:
+            for cache in self._caches:
+                stack.enter_context(cache.keys(sample_ids))
+            yield None
+        self._retire_caches()
+
+    @property
+    def caches(self) -> list[Any]:
+        """The active :class:`~torchfreeze.FeatureCache` objects, oldest boundary first."""
+        return list(self._caches)
+
+    @property
+    def cache_hits(self) -> int:
+        """Samples whose frozen prefix was replayed, over every cache so far."""
+        return self._retired[0] + sum(c.hits for c in self._caches)
+
+    @property
+    def cache_misses(self) -> int:
+        """Samples whose (newly) frozen groups were computed, over every cache so far."""
+        return self._retired[1] + sum(c.misses for c in self._caches)
+
+    def close(self) -> None:
+        """Close the caches (``cache=True``): stored entries are dropped, forwards restored."""
+        while self._caches:
+            self._close_cache(self._caches.pop())
+        self._repin()
+
+    def _close_cache(self, cache: Any) -> None:
+        self._retired = (self._retired[0] + cache.hits, self._retired[1] + cache.misses)
+        cache.close()
+
+    def _new_cache(self) -> None:
+        from .cache import FeatureCache
+
+        name = self.groups[self._n - 1]
+        try:
+            self.module.get_submodule(name)
+        except AttributeError:
+            warnings.warn(
+                f"AutoFreeze(cache=True): the frozen group {name!r} is not one module, so "
+                "the prefix up to it cannot be cached; it is cached from the next boundary "
+                "on. Pass layers= whose groups are modules to cache it.",
+                UserWarning,
+                stacklevel=4,
+            )
+            return
+        self._caches.append(FeatureCache(self.module, upto=name, pin_eval=True))
+
+    def _retire_caches(self) -> None:
+        retired = False
+        while len(self._caches) > 1 and len(self._caches[-1]) >= len(self._caches[0]):
+            self._close_cache(self._caches.pop(0))
+            retired = True
+        if retired:
+            self._repin()
+
+    def _repin(self) -> None:
+        # a closed cache puts the modules it pinned back in the model's mode; the frozen
+        # groups must stay in eval (deterministic), so pin them again
+        for m in self._pinned:
+            type(m).train(m, False)
 
     # ------------------------------------------------------------------ resume
 
@@ -730,7 +803,7 @@ def _check_scheduler(scheduler: Any, opt: Any) -> None:
             )
 
 
-def _pin_eval(module: nn.Module, param_names: Sequence[str]) -> None:
+def _pin_eval(module: nn.Module, param_names: Sequence[str]) -> list[nn.Module]:
     """Pin in eval the outermost modules whose parameters all lie in the group."""
     idx = ModelIndex(module)
     inside = {id(idx.params[n]) for n in param_names if n in idx.params}
@@ -745,6 +818,7 @@ def _pin_eval(module: nn.Module, param_names: Sequence[str]) -> None:
         if not isinstance(m.__dict__.get("train"), _PinnedEval):
             m.__dict__["train"] = _PinnedEval(m)
         type(m).train(m, False)
+    return [idx.modules[n] for n in pinned]
 
 
 def _comm_device(group: Any, device: torch.device) -> torch.device:
