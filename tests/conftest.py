@@ -37,4 +37,5 @@ def gloo_group():
     try:
         yield dist.group.WORLD
     finally:
+        dist.barrier()  # the rule for every teardown (gloo aborts without it, #12)
         dist.destroy_process_group()

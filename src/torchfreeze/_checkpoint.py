@@ -31,7 +31,7 @@ from rich.table import Table
 from rich.text import Text
 from torch import nn
 
-from ._report import Report, fmt_count
+from ._report import Report, fmt_count, short_path
 from .errors import LoadError
 
 __all__ = [
@@ -154,7 +154,55 @@ def _resolves(dotted: str) -> bool:
     return False
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _sniff(path: Path) -> str | None:
+    """What a file is when it cannot be a ``torch.save`` file, else None.
+
+    ``torch.save`` writes a zip archive (``PK``) or, in its legacy format, a
+    pickle (protocol 2+, first byte 0x80); a tar archive is the oldest format.
+    Anything else is named here, so no error suggests unsafe loading for a file
+    that is not a pickle at all.
+    """
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return None
+    if head.startswith(_ZIP_MAGIC) or head[:1] == b"\x80":
+        return None
+    if len(head) > 262 and head[257:262] == b"ustar":
+        return None
+    if not head:
+        return "an empty file (0 bytes)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"not a checkpoint format torchfreeze knows (it starts with bytes {head[:8]!r})"
+    stripped = text.lstrip()
+    if stripped[:1] in ("{", "["):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            return "a text file that starts like JSON"
+        if isinstance(data, dict):
+            keys = ", ".join(repr(k) for k in list(data)[:5])
+            hint = " (a model config)" if {"architectures", "model_type"} & set(data) else ""
+            return f"a JSON file{hint} with keys {keys}"
+        return f"a JSON {type(data).__name__}"
+    first = stripped.splitlines()[0][:60] if stripped else ""
+    return f"a text file (it starts with {first!r})"
+
+
 def _read_pickle(path: Path, *, unsafe_pickle: bool) -> Any:
+    what = _sniff(path)
+    if what is not None:
+        raise LoadError(
+            f"{path} is {what}, not a checkpoint. Expected weights: a .safetensors file, a "
+            "torch.save file (.pt/.pth/.bin/.ckpt), a Hugging Face model folder or a sharded "
+            "*.index.json. For a Hugging Face model, pass its folder or model.safetensors."
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
     except pickle.UnpicklingError as exc:
@@ -173,8 +221,13 @@ def _read_pickle(path: Path, *, unsafe_pickle: bool) -> Any:
 
 
 def _corrupt(path: Path, exc: BaseException) -> LoadError:
+    why = _short(exc)
+    if "weights_only" in why:
+        # torch's text suggests weights_only=False; for a damaged file that is never
+        # the fix (refused classes are handled before, with their own message)
+        why = "the pickle stream is damaged"
     return LoadError(
-        f"cannot read {path} ({_size(path)}) as a PyTorch checkpoint: {_short(exc)}. The "
+        f"cannot read {path} ({_size(path)}) as a PyTorch checkpoint: {why}. The "
         "file is corrupt, truncated or not a checkpoint; save or download it again."
     )
 
@@ -429,12 +482,13 @@ class CheckpointInfo(Report):
     metadata: dict[str, str] = field(default_factory=dict)
 
     def _rich(self) -> RenderableType:
-        table = Table(title=f"checkpoint {self.source}", title_justify="left")
-        table.add_column("tensor" if self.depth is None else "module")
-        table.add_column("tensors", justify="right")
-        table.add_column("params", justify="right")
-        table.add_column("shape")
-        table.add_column("dtype")
+        table = Table(title=f"checkpoint {short_path(self.source)}", title_justify="left")
+        table.add_column("tensor" if self.depth is None else "module", overflow="fold",
+                         ratio=1)
+        table.add_column("tensors", justify="right", no_wrap=True)
+        table.add_column("params", justify="right", no_wrap=True)
+        table.add_column("shape", no_wrap=True)
+        table.add_column("dtype", no_wrap=True)
         for r in self.rows:
             if len(r.shapes) <= 2:
                 shape = ", ".join(_fmt_shape(s) for s in r.shapes)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import TorchfreezeError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .cli import CheckpointDiff
+    from .diff import CheckpointDiff
 
 __all__ = ["plot_demo", "plot_diff", "require_matplotlib"]
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from rich.console import Console, RenderableType
 
-__all__ = ["Report", "fmt_count", "render_text", "to_plain"]
+__all__ = ["Report", "fmt_count", "render_text", "short_path", "to_plain"]
 
 
 def render_text(renderable: RenderableType, *, width: int = 120) -> str:
@@ -24,6 +24,24 @@ def render_text(renderable: RenderableType, *, width: int = 120) -> str:
     )
     console.print(renderable)
     return buf.getvalue().rstrip("\n")
+
+
+def short_path(path: str, width: int = 44) -> str:
+    """``path`` cut from the left at a separator to fit ``width`` characters, so a
+    report's title stays on one 80-column line; the file name is always kept.
+
+    >>> short_path("/data/runs/2026-11-30/minilm/checkpoints/model.safetensors", 40)
+    '…/minilm/checkpoints/model.safetensors'
+    """
+    if len(path) <= width:
+        return path
+    parts = path.replace("\\", "/").split("/")
+    out = parts[-1]
+    for part in reversed(parts[:-1]):
+        if len(out) + len(part) + 3 > width:
+            break
+        out = f"{part}/{out}"
+    return f"…/{out}"
 
 
 def fmt_count(n: float) -> str:

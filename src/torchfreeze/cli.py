@@ -1,5 +1,9 @@
 """The ``torchfreeze`` command: ``demo``, ``inspect`` and ``diff``.
 
+The command line sits on top of the library: the diff itself is computed by
+:mod:`torchfreeze.diff`, checkpoints are read by :mod:`torchfreeze.load`, and
+nothing below imports this module.
+
 Exit status: 0 success; 1 a check failed (``diff --expect-frozen`` found a
 tensor that moved); 2 a usage or input error (bad option, missing or unreadable
 file, a selector that matches no tensor). Errors print as one line on stderr,
@@ -16,346 +20,43 @@ import argparse
 import difflib
 import importlib
 import json
-import math
 import os
 import sys
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console, Group, RenderableType
-from rich.table import Table
-from rich.text import Text
+from rich.console import Console
 
 from . import __version__
-from ._report import Report, fmt_count
-from .errors import SelectionError, TorchfreezeError
-from .select import closest_names, name_tests
+from .diff import (
+    CheckpointDiff,
+    ModuleChange,
+    TensorChange,
+    diff_checkpoints,
+    failure_line,
+    match_keys,
+)
+from .errors import TorchfreezeError
 
 __all__ = [
     "EXIT_CHECK_FAILED",
     "EXIT_OK",
     "EXIT_USAGE",
     "CheckpointDiff",
+    "ModuleChange",
     "TensorChange",
     "build_parser",
     "diff_checkpoints",
     "main",
     "match_keys",
-]
+]  # the diff names are re-exported from torchfreeze.diff for existing imports
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
 
-
-
-# ---------------------------------------------------------------------------
-# selectors over checkpoint keys (no nn.Module needed)
-
-
-def _prefixes(keys: Iterable[str]) -> list[str]:
-    """Every module path implied by dotted tensor names, first-seen order."""
-    out: dict[str, None] = {}
-    for key in keys:
-        parts = key.split(".")
-        for i in range(1, len(parts)):
-            out[".".join(parts[:i])] = None
-    return list(out)
-
-
-def _under(name: str, keys: Sequence[str]) -> list[str]:
-    dotted = name + "."
-    return [k for k in keys if k == name or k.startswith(dotted)]
-
-
-def match_keys(keys: Sequence[str], selectors: Iterable[str]) -> list[str]:
-    """Resolve string selectors against checkpoint keys, as ``tfz.select`` does on a model.
-
-    The grammar is the shared one: exact names, globs (``*`` crosses dots),
-    brace lists and ranges, ``"re:<regex>"`` (whole-name match). A name or
-    pattern that matches a module path selects every tensor under it.
-
-    Args:
-        keys: the checkpoint's tensor names.
-        selectors: string selectors.
-
-    Returns:
-        The matched keys, in ``keys`` order.
-
-    Raises:
-        SelectionError: a selector (or one alternative of a brace pattern)
-            matched no tensor and no module path; the message names the
-            closest real names.
-
-    Example:
-        >>> match_keys(["enc.0.w", "enc.1.w", "head.w"], ["enc.{0..1}"])
-        ['enc.0.w', 'enc.1.w']
-    """
-    keys = list(keys)
-    modules = _prefixes(keys)
-    names = modules + keys
-    hit: set[str] = set()
-    for sel in selectors:
-        for shown, needle, test in name_tests(sel):
-            matched = [n for n in names if test(n)]
-            if not matched:
-                raise _no_key(names, shown, needle, len(keys))
-            for n in matched:
-                hit.update(_under(n, keys))
-    return [k for k in keys if k in hit]
-
-
-def _no_key(names: list[str], shown: str, needle: str, num_keys: int) -> SelectionError:
-    suggestions = closest_names(names, needle)
-    if suggestions:
-        hint = "Closest real names: " + ", ".join(repr(s) for s in suggestions) + "."
-    else:
-        top = list(dict.fromkeys(n.split(".")[0] for n in names))[:8]
-        hint = "Top-level names: " + (", ".join(repr(t) for t in top) or "(none)") + "."
-    return SelectionError(
-        f"selector '{shown}' matched no tensor of the checkpoint ({num_keys} tensors). {hint} "
-        "Fix the pattern; `torchfreeze inspect CHECKPOINT --depth 2` lists the names.",
-        selector=shown,
-        suggestions=suggestions,
-    )
-
-
-# ---------------------------------------------------------------------------
-# diff
-
-
-@dataclass(frozen=True)
-class TensorChange:
-    """How one tensor differs between two checkpoints.
-
-    Attributes:
-        name: the tensor's key.
-        status: ``"same"`` (bit-identical), ``"changed"``, ``"reshaped"``
-            (shape or dtype differs), ``"added"`` (only in AFTER) or
-            ``"removed"`` (only in BEFORE).
-        shape: shape in BEFORE (AFTER for added tensors).
-        rel_change: ``‖after − before‖ / ‖before‖`` (L2 over all values);
-            ``None`` where it is undefined (reshaped, added, removed, or a
-            zero tensor that became non-zero).
-        max_abs_change: largest element-wise ``|after − before|``.
-    """
-
-    name: str
-    status: str
-    shape: tuple[int, ...]
-    rel_change: float | None = None
-    max_abs_change: float | None = None
-
-    @property
-    def moved(self) -> bool:
-        return self.status != "same"
-
-
-@dataclass(frozen=True)
-class ModuleChange:
-    """Changes of the tensors directly under one module."""
-
-    name: str
-    tensors: int
-    changed: int
-    params: int
-    rel_change: float | None  # over the module's tensors together
-    max_rel_change: float | None
-    tensor_names: tuple[str, ...] = field(default=(), repr=False)
-
-
-@dataclass(frozen=True)
-class CheckpointDiff(Report):
-    """Per-tensor relative change between two checkpoints, grouped by module.
-
-    Attributes:
-        before, after: the sources compared.
-        tensors: one :class:`TensorChange` per key of either checkpoint.
-        modules: one row per module (``depth`` dotted levels; default: the
-            tensor's own module).
-        expect_frozen: the selectors given with ``--expect-frozen``.
-        expected_frozen: the keys they matched.
-        changed_frozen: the expected-frozen keys that moved (the check fails
-            when this is non-empty).
-    """
-
-    before: str
-    after: str
-    tensors: tuple[TensorChange, ...]
-    modules: tuple[ModuleChange, ...]
-    expect_frozen: tuple[str, ...] = ()
-    expected_frozen: tuple[str, ...] = field(default=(), repr=False)
-    changed_frozen: tuple[str, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        """True when no tensor matched by ``expect_frozen`` moved."""
-        return not self.changed_frozen
-
-    @property
-    def changed(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.tensors if t.moved)
-
-    def _rich(self) -> RenderableType:
-        frozen = set(self.expected_frozen)
-        bad = set(self.changed_frozen)
-        table = Table(title=f"diff {self.before} -> {self.after}", title_justify="left")
-        table.add_column("module", overflow="fold")
-        table.add_column("tensors", justify="right")
-        table.add_column("changed", justify="right")
-        table.add_column("params", justify="right")
-        table.add_column("rel. change", justify="right")
-        table.add_column("max rel. change", justify="right")
-        table.add_column("expect frozen")
-        for m in self.modules:
-            mark = ""
-            if any(k in frozen for k in m.tensor_names):
-                mark = "MOVED" if any(k in bad for k in m.tensor_names) else "ok"
-            table.add_row(
-                m.name or "(top level)", str(m.tensors), str(m.changed), fmt_count(m.params),
-                _fmt_rel(m.rel_change, m.changed), _fmt_rel(m.max_rel_change, m.changed),
-                Text(mark, style="bold red" if mark == "MOVED" else "green"),
-            )
-        moved = [t for t in self.tensors if t.moved]
-        lines: list[RenderableType] = [table, Text(
-            f"{len(moved)} of {len(self.tensors)} tensors changed"
-            + (f"; {len(self.expected_frozen)} expected frozen" if self.expect_frozen else ""),
-            style="bold")]
-        odd = [t for t in moved if t.status in ("reshaped", "added", "removed")]
-        for t in odd[:10]:
-            lines.append(Text(f"  {t.status}: {t.name}", style="yellow"))
-        if self.changed_frozen:
-            lines.append(Text(_failure_line(self), style="bold red"))
-        elif self.expect_frozen:
-            lines.append(Text(
-                f"OK: all {len(self.expected_frozen)} tensors under --expect-frozen "
-                "are bit-identical.", style="bold green"))
-        return Group(*lines)
-
-
-def _fmt_rel(value: float | None, changed: int) -> str:
-    if value is None:
-        return "n/a" if changed else "0"
-    if value == 0.0:
-        return "0" if not changed else "<1e-12"
-    return f"{value:.2e}"
-
-
-def _failure_line(diff: CheckpointDiff) -> str:
-    by_name = {t.name: t for t in diff.tensors}
-    shown = []
-    for name in diff.changed_frozen[:8]:
-        t = by_name[name]
-        what = f"rel {t.rel_change:.2e}" if t.rel_change is not None else t.status
-        shown.append(f"{name} ({what})")
-    more = f", … (+{len(diff.changed_frozen) - 8})" if len(diff.changed_frozen) > 8 else ""
-    return (
-        f"FAILED: {len(diff.changed_frozen)} tensor(s) under --expect-frozen "
-        f"{' '.join(diff.expect_frozen)} changed: {', '.join(shown)}{more}"
-    )
-
-
-def _group(name: str, depth: int | None) -> str:
-    parts = name.split(".")[:-1]
-    return ".".join(parts if depth is None else parts[:depth])
-
-
-def _compare(name: str, a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[
-        TensorChange, float, float]:
-    """The change, plus squared norms (diff, before) for module-level aggregation."""
-    if a is None or b is None:
-        t = b if a is None else a
-        assert t is not None
-        status = "added" if a is None else "removed"
-        return TensorChange(name, status, tuple(t.shape)), math.nan, 0.0
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return TensorChange(name, "reshaped", tuple(a.shape)), math.nan, 0.0
-    if torch.equal(a, b):
-        norm = float(a.double().pow(2).sum()) if a.numel() else 0.0
-        return TensorChange(name, "same", tuple(a.shape), 0.0, 0.0), 0.0, norm
-    da, db = a.detach().double(), b.detach().double()
-    if a.is_complex():
-        da, db = a.detach().to(torch.complex128), b.detach().to(torch.complex128)
-    delta = (db - da).abs()
-    d2 = float(delta.pow(2).sum())
-    n2 = float(da.abs().pow(2).sum())
-    rel = math.sqrt(d2 / n2) if n2 > 0 else None
-    return (TensorChange(name, "changed", tuple(a.shape), rel, float(delta.max())), d2, n2)
-
-
-def diff_checkpoints(
-    before: Mapping[str, torch.Tensor],
-    after: Mapping[str, torch.Tensor],
-    *,
-    expect_frozen: Sequence[str] = (),
-    depth: int | None = None,
-    before_name: str = "BEFORE",
-    after_name: str = "AFTER",
-) -> CheckpointDiff:
-    """Compare two state dicts tensor by tensor.
-
-    Args:
-        before: the reference state dict (e.g. the pretrained checkpoint).
-        after: the state dict to check (e.g. after fine-tuning).
-        expect_frozen: selectors (the shared string grammar, over the keys of
-            both) naming tensors that must be bit-identical.
-        depth: group by the first ``depth`` dotted levels of the module path;
-            default: each tensor's own module.
-        before_name, after_name: how the two are named in the report.
-
-    Returns:
-        A :class:`CheckpointDiff`; ``.ok`` is False when an expected-frozen
-        tensor moved (changed value, shape or dtype, or missing in ``after``).
-
-    Raises:
-        SelectionError: an ``expect_frozen`` selector matched no key.
-
-    Example:
-        >>> import torch
-        >>> a = {"body.w": torch.ones(2), "head.w": torch.ones(2)}
-        >>> b = {"body.w": torch.ones(2), "head.w": torch.zeros(2)}
-        >>> d = diff_checkpoints(a, b, expect_frozen=["body"])
-        >>> d.ok, d.changed
-        (True, ('head.w',))
-    """
-    keys = list(dict.fromkeys([*before, *after]))
-    frozen = match_keys(keys, expect_frozen) if expect_frozen else []
-    changes: list[TensorChange] = []
-    acc: dict[str, list[Any]] = {}
-    for key in keys:
-        change, d2, n2 = _compare(key, before.get(key), after.get(key))
-        changes.append(change)
-        row = acc.setdefault(_group(key, depth), [0, 0, 0, 0.0, 0.0, None, False, []])
-        row[7].append(key)
-        row[0] += 1
-        row[1] += int(change.moved)
-        ref = before.get(key, after.get(key))
-        row[2] += ref.numel() if ref is not None else 0
-        if math.isnan(d2) or (change.moved and change.rel_change is None):
-            row[6] = True  # undefined somewhere: the module figure is undefined too
-        else:
-            row[3] += d2
-            row[4] += n2
-        if change.rel_change is not None:
-            row[5] = change.rel_change if row[5] is None else max(row[5], change.rel_change)
-    modules = []
-    for name, (n, moved, params, d2, n2, mx, undefined, names) in acc.items():
-        rel = None if undefined or n2 == 0 else math.sqrt(d2 / n2)
-        if not moved:
-            rel, mx = 0.0, 0.0
-        modules.append(ModuleChange(name, n, moved, params, rel, mx, tuple(names)))
-    moved_keys = {c.name for c in changes if c.moved}
-    return CheckpointDiff(
-        before=before_name,
-        after=after_name,
-        tensors=tuple(changes),
-        modules=tuple(modules),
-        expect_frozen=tuple(expect_frozen),
-        expected_frozen=tuple(frozen),
-        changed_frozen=tuple(k for k in frozen if k in moved_keys),
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -378,11 +79,52 @@ def _console() -> Console:
     return Console(highlight=False, width=140 if wide else None)
 
 
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".safetensors",
+                        ".tar", ".json")
+_DIFF_USAGE = ("torchfreeze diff BEFORE AFTER --expect-frozen SELECTOR [SELECTOR ...] "
+               "(or --expect-frozen=SELECTOR anywhere)")
+
+
+def _looks_like_checkpoint(word: str) -> bool:
+    return Path(word).suffix in _CHECKPOINT_SUFFIXES or os.path.exists(word)
+
+
+def _diff_files(args: argparse.Namespace) -> tuple[str, str]:
+    """BEFORE and AFTER, also when ``--expect-frozen`` came first and took them along.
+
+    ``--expect-frozen`` takes every word after it, so ``diff --expect-frozen X a.pt
+    b.pt`` hands the files to it; the trailing words that are checkpoint files are
+    given back (a selector is never a file name with a checkpoint suffix).
+    """
+    files = list(args.files)
+    frozen = list(args.expect_frozen or [])
+    need = 2 - len(files)
+    tail = frozen[-need:] if 0 < need <= len(frozen) else []
+    if tail and all(_looks_like_checkpoint(w) for w in tail):
+        files += tail
+        frozen = frozen[:-need]
+    if len(files) != 2:
+        got = ", ".join(repr(f) for f in args.files) or "none"
+        raise TorchfreezeError(
+            f"diff needs two checkpoint files, BEFORE and AFTER (got {got}"
+            + (f"; --expect-frozen took {', '.join(map(repr, args.expect_frozen))}"
+               if args.expect_frozen else "")
+            + f"). Write: {_DIFF_USAGE}."
+        )
+    if not frozen and args.expect_frozen:
+        raise TorchfreezeError(
+            f"--expect-frozen got no selector (it took the files). Write: {_DIFF_USAGE}."
+        )
+    args.expect_frozen = frozen
+    return files[0], files[1]
+
+
 def _cmd_diff(args: argparse.Namespace) -> int:
-    before, after = _read(args.before), _read(args.after)
+    before_path, after_path = _diff_files(args)
+    before, after = _read(before_path), _read(after_path)
     diff = diff_checkpoints(
         before, after, expect_frozen=args.expect_frozen or (), depth=args.depth,
-        before_name=args.before, after_name=args.after,
+        before_name=before_path, after_name=after_path,
     )
     if args.plot:
         from ._plot import plot_diff
@@ -397,7 +139,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         if args.plot:
             print(f"drift plot: {args.plot}")
     if not diff.ok:
-        print(f"torchfreeze diff: {_failure_line(diff)}", file=sys.stderr)
+        print(f"torchfreeze diff: {failure_line(diff)}", file=sys.stderr)
         return EXIT_CHECK_FAILED
     return EXIT_OK
 
@@ -554,16 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="relative change per tensor between two checkpoints; check frozen parts",
         description=(
             "Compare two checkpoints tensor by tensor (relative L2 change), grouped by module.\n"
+            "Key names are aligned as load_pretrained aligns them (a 'bert.', Lightning\n"
+            "'model.', 'module.' or '_orig_mod.' prefix on one side), and the report says so.\n"
             "With --expect-frozen, fail (exit 1, naming the tensors) when a tensor matched by\n"
             "a selector is not bit-identical. Selectors use torchfreeze's grammar over the\n"
             "checkpoint's names: module or tensor names, globs, {0..3} ranges, 're:<regex>'.\n"
             "Example: torchfreeze diff pretrained.pt finetuned.pt --expect-frozen backbone"
         ),
     )
-    diff.add_argument("before", metavar="BEFORE", help="reference checkpoint")
-    diff.add_argument("after", metavar="AFTER", help="checkpoint to compare")
+    diff.add_argument("files", nargs="*", metavar="BEFORE AFTER",
+                      help="reference checkpoint, then the checkpoint to compare")
     diff.add_argument("--expect-frozen", nargs="+", action="extend", metavar="SELECTOR",
-                      help="tensors that must be bit-identical (repeatable)")
+                      help="tensors that must be bit-identical (repeatable; the files may "
+                           "come before or after it)")
     diff.add_argument("--depth", type=int, metavar="N",
                       help="group by the first N levels of the module path "
                            "(default: each tensor's own module)")

@@ -112,6 +112,7 @@ def construction_kwargs(ddp: DistributedDataParallel) -> dict[str, Any]:
         >>> kwargs = tfz_dist.construction_kwargs(ddp)
         >>> kwargs["bucket_cap_mb"], kwargs["static_graph"], kwargs["broadcast_buffers"]
         (4.0, True, True)
+        >>> dist.barrier()  # no rank tears gloo down while another still uses it
         >>> dist.destroy_process_group()
     """
     _require_ddp(ddp, "construction_kwargs")
@@ -450,6 +451,7 @@ def unfreeze(
         >>> ddp = tfz_dist.unfreeze(ddp, "module.0", optimizer=opt, lr_mult=0.1)  # every rank
         >>> net[0].weight.requires_grad, [g["lr"] for g in opt.param_groups]
         (True, [0.1, 0.010000000000000002])
+        >>> dist.barrier()  # no rank tears gloo down while another still uses it
         >>> dist.destroy_process_group()
     """
     kind, module, selectors, exclude, kwargs, group = _prepare(model, "unfreeze", selectors,
@@ -531,6 +533,7 @@ def freeze(
         >>> ddp = tfz_dist.freeze(DistributedDataParallel(net), "0")  # every rank
         >>> [p.requires_grad for p in ddp.parameters()]
         [False, False, True, True]
+        >>> dist.barrier()  # no rank tears gloo down while another still uses it
         >>> dist.destroy_process_group()
     """
     kind, module, selectors, exclude, kwargs, group = _prepare(model, "freeze", selectors,

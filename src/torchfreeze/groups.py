@@ -234,9 +234,9 @@ def _no_decay_ids(idx: ModelIndex, no_decay: Iterable[Any], warn: bool) -> set[i
                         or (t == "norm" and norm_typed)):
                     used.add(t)
                     hit = True
-            for t in types:
-                if isinstance(module, t):
-                    used.add(t)
+            for kind in types:
+                if isinstance(module, kind):
+                    used.add(kind)
                     hit = True
             if hit:
                 out.add(id(p))

@@ -37,17 +37,21 @@ from ._checkpoint import (
     read_checkpoint,
     read_state_dict,
 )
-from ._report import Report, fmt_count
+from ._report import Report, fmt_count, short_path
 from .errors import LoadError
 from .select import ModelIndex, Selector, require_module, resolve
 
 __all__ = [
     "CheckpointInfo",
     "CheckpointRow",
+    "LoadPlan",
     "LoadReport",
     "Source",
+    "align_keys",
+    "apply_plan",
     "inspect_checkpoint",
     "load_pretrained",
+    "plan_load",
     "read_state_dict",
 ]
 
@@ -123,9 +127,14 @@ class LoadReport(Report):
         )
 
     def _rich(self) -> RenderableType:
-        table = Table(title=f"load_pretrained from {self.source}", title_justify="left")
-        for col in ("status", "name", "checkpoint", "model"):
-            table.add_column(col)
+        # 80 columns: the path is shortened at a separator (the full one is in
+        # .source), long names fold inside their column, shapes never break
+        table = Table(title=f"load_pretrained from {short_path(self.source)}",
+                      title_justify="left")
+        table.add_column("status", no_wrap=True)
+        table.add_column("name", overflow="fold", ratio=1)
+        table.add_column("checkpoint", no_wrap=True)
+        table.add_column("model", no_wrap=True)
         ck, md = self._ckpt_shapes, self._model_shapes
 
         def add(status: str, names: Iterable[str], cells: Any, style: str | None) -> None:
@@ -142,8 +151,9 @@ class LoadReport(Report):
         add("missing", self.missing, lambda n: ("-", _shape(md.get(n))), "yellow")
         add("unexpected", self.unexpected, lambda n: (_shape(ck.get(n)), "-"), "yellow")
         add("excluded", self.excluded, lambda n: ("", _shape(md.get(n))), "dim")
-        add("ignored", self.ignored, lambda n: (self.ignored[n], ""), "dim")
-        add("tied", self.tied, lambda n: (n, self.tied[n]), "dim")
+        add("ignored", [f"{n}: {why}" for n, why in self.ignored.items()],
+            lambda n: ("", ""), "dim")
+        add("tied", [f"{n} = {m}" for n, m in self.tied.items()], lambda n: ("", ""), "dim")
         casts = Counter(self.converted.values())
         for (src, dst), count in casts.items():
             table.add_row("converted", f"{count} tensors", src, dst, style="dim")
@@ -228,7 +238,7 @@ def _prefixes(key: str) -> list[str]:
     return [".".join(parts[:i]) + "." for i in range(1, min(len(parts), _PREFIX_DEPTH + 1))]
 
 
-def _align(keys: list[str], names: set[str], shape_ok: Any) -> _Alignment:
+def align_keys(keys: list[str], names: set[str], shape_ok: Any) -> _Alignment:
     """The prefix rule under which the most checkpoint keys name a model tensor.
 
     A checkpoint saved from a wrapper (``module.``, ``_orig_mod.``, a Lightning
@@ -363,6 +373,111 @@ def _is_counter(name: str) -> bool:
     return name.rsplit(".", 1)[-1] == "num_batches_tracked"
 
 
+@dataclass
+class LoadPlan:
+    """What :func:`load_pretrained` will write, worked out and checked before any copy.
+
+    Attributes:
+        report: the :class:`LoadReport` (as it will be returned).
+        copies: one entry per model tensor to fill: the tensor, the checkpoint
+            value, and the leading slice to copy (``None``: all of it).
+    """
+
+    report: LoadReport
+    copies: list[_Copy]
+
+
+def plan_load(
+    model: nn.Module,
+    source: Source,
+    *,
+    rename: Rename | None = None,
+    exclude: Selector | None = None,
+    mismatched: Literal["skip", "error", "partial"] = "skip",
+    unsafe_pickle: bool = False,
+) -> LoadPlan:
+    """The planning half of :func:`load_pretrained`: read, align, match, check.
+
+    Works out what goes where and raises every error :func:`load_pretrained`
+    can raise; never writes to ``model``. :func:`apply_plan` does the copy.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> from torchfreeze.load import apply_plan, plan_load
+        >>> src, dst = nn.Linear(2, 2), nn.Linear(2, 2)
+        >>> plan = plan_load(dst, {"module." + k: v for k, v in src.state_dict().items()})
+        >>> [(c.target.name, c.key) for c in plan.copies]
+        [('weight', 'module.weight'), ('bias', 'module.bias')]
+        >>> apply_plan(plan); bool((dst.weight == src.weight).all())
+        True
+    """
+    require_module(model, "load_pretrained")
+    if mismatched not in ("skip", "error", "partial"):
+        raise LoadError(
+            f"mismatched={mismatched!r} is not one of 'skip', 'error', 'partial'."
+        )
+    idx = ModelIndex(model)
+    targets = _targets(model, idx)
+    excluded_ids: set[int] = set()
+    if exclude is not None:
+        sel = resolve(model, [exclude], default_all=False, index=idx)
+        excluded_ids = {id(t) for t in (*sel.params, *sel.buffers)}
+
+    ckpt = read_checkpoint(source, unsafe_pickle=unsafe_pickle)
+    keys = list(ckpt.tensors)
+    renamed_keys = _apply_renames(keys, rename)
+    tensors = dict(zip(renamed_keys, ckpt.tensors.values()))
+    original = dict(zip(renamed_keys, keys))
+
+    def shape_ok(key: str, name: str) -> bool:
+        t = targets.get(name)
+        return t is not None and tuple(t.tensor.shape) == tuple(tensors[key].shape)
+
+    alignment = align_keys(renamed_keys, set(targets), shape_ok)
+    matched = _match(renamed_keys, targets, alignment, original)
+
+    report = LoadReport(
+        loaded=[], missing=[], unexpected=[], mismatched={}, renamed={},
+        alignment=alignment.describe(), source=ckpt.origin,
+    )
+    if ckpt.unwrapped:
+        report.notes.append("weights read from " + "".join(f"[{k!r}]" for k in ckpt.unwrapped))
+    if ckpt.dropped:
+        report.notes.append(f"{len(ckpt.dropped)} non-tensor entries ignored (e.g. "
+                            f"{ckpt.dropped[0]!r}).")
+    report._ckpt_shapes = {original[k]: tuple(t.shape) for k, t in tensors.items()}
+    report._model_shapes = {t.name: tuple(t.tensor.shape) for t in targets.values()}
+
+    plans, problems = _plan_copies(matched, targets, tensors, original, excluded_ids,
+                                   mismatched, report)
+    for key in renamed_keys:
+        if key in matched:
+            continue
+        if _is_counter(key):
+            report.ignored[original[key]] = "BatchNorm counter the model does not keep"
+        else:
+            report.unexpected.append(original[key])
+    _list_loaded_and_missing(plans, targets, idx, excluded_ids, report)
+    _count_values(plans, idx, report)
+    _refuse(model, ckpt.origin, plans, problems, mismatched, renamed_keys, targets, report)
+    return LoadPlan(report, list(plans.values()))
+
+
+def apply_plan(plan: LoadPlan) -> None:
+    """The applying half of :func:`load_pretrained`: copy what :func:`plan_load` planned.
+
+    Values are cast to each model tensor's dtype and device by ``copy_``, under
+    ``torch.no_grad()``; with a slice, only the overlapping part is written.
+    """
+    with torch.no_grad():
+        for copy in plan.copies:
+            dst = copy.target.tensor
+            if copy.slices is None:
+                dst.copy_(copy.src)
+            else:
+                dst[copy.slices].copy_(copy.src[copy.slices])
+
+
 def load_pretrained(
     model: nn.Module,
     source: Source,
@@ -422,37 +537,26 @@ def load_pretrained(
         >>> len(r.loaded), r.alignment, r.loaded_fraction
         (7, "removed prefix 'module.'", 1.0)
     """
-    require_module(model, "load_pretrained")
-    if mismatched not in ("skip", "error", "partial"):
-        raise LoadError(
-            f"mismatched={mismatched!r} is not one of 'skip', 'error', 'partial'."
-        )
-    idx = ModelIndex(model)
-    targets = _targets(model, idx)
-    excluded_ids: set[int] = set()
-    if exclude is not None:
-        sel = resolve(model, [exclude], default_all=False, index=idx)
-        excluded_ids = {id(t) for t in (*sel.params, *sel.buffers)}
+    plan = plan_load(model, source, rename=rename, exclude=exclude, mismatched=mismatched,
+                     unsafe_pickle=unsafe_pickle)
+    plan.report.dry_run = dry_run
+    if not dry_run:
+        apply_plan(plan)
+    return plan.report
 
-    ckpt = read_checkpoint(source, unsafe_pickle=unsafe_pickle)
-    keys = list(ckpt.tensors)
-    renamed_keys = _apply_renames(keys, rename)
-    tensors = dict(zip(renamed_keys, ckpt.tensors.values()))
-    original = dict(zip(renamed_keys, keys))
 
-    def shape_ok(key: str, name: str) -> bool:
-        t = targets.get(name)
-        return t is not None and tuple(t.tensor.shape) == tuple(tensors[key].shape)
-
-    alignment = _align(renamed_keys, set(targets), shape_ok)
-    matched: dict[str, str] = {}  # checkpoint key (after rename) -> model name
+def _match(
+    keys: list[str], targets: dict[str, _Target], alignment: _Alignment, original: dict[str, str]
+) -> dict[str, str]:
+    """Checkpoint key (after rename) -> model name, under the prefix rule."""
+    matched: dict[str, str] = {}
     taken: set[str] = set()
-    for key in renamed_keys:
+    for key in keys:
         name = alignment.apply(key)
         if name in targets:
             matched[key] = name
             taken.add(name)
-    for key in renamed_keys:  # a key the prefix rule moved off its exact match keeps it
+    for key in keys:  # a key the prefix rule moved off its exact match keeps it
         if key not in matched and key in targets and key not in taken:
             matched[key] = key
             taken.add(key)
@@ -463,19 +567,19 @@ def load_pretrained(
             f"checkpoint keys {', '.join(map(repr, keys_for))} would all load into "
             f"{dup_names[0]!r}. Drop the duplicates or separate them with rename=."
         )
+    return matched
 
-    report = LoadReport(
-        loaded=[], missing=[], unexpected=[], mismatched={}, renamed={},
-        alignment=alignment.describe(), source=ckpt.origin, dry_run=dry_run,
-    )
-    if ckpt.unwrapped:
-        report.notes.append("weights read from " + "".join(f"[{k!r}]" for k in ckpt.unwrapped))
-    if ckpt.dropped:
-        report.notes.append(f"{len(ckpt.dropped)} non-tensor entries ignored (e.g. "
-                            f"{ckpt.dropped[0]!r}).")
-    report._ckpt_shapes = {original[k]: tuple(t.shape) for k, t in tensors.items()}
-    report._model_shapes = {t.name: tuple(t.tensor.shape) for t in targets.values()}
 
+def _plan_copies(
+    matched: dict[str, str],
+    targets: dict[str, _Target],
+    tensors: dict[str, torch.Tensor],
+    original: dict[str, str],
+    excluded_ids: set[int],
+    mismatched: str,
+    report: LoadReport,
+) -> tuple[dict[int, _Copy], list[str]]:
+    """One copy per model tensor (tied ones once); problems that forbid loading."""
     plans: dict[int, _Copy] = {}  # id(model tensor) -> what to copy into it
     problems: list[str] = []
     # a tied tensor takes its values from the key under its canonical name, if present
@@ -530,23 +634,19 @@ def load_pretrained(
                     )
             continue
         plans[id(target.tensor)] = _Copy(target, src, key)
+    return plans, problems
 
-    consumed = set(matched)
-    for key in renamed_keys:
-        if key in consumed:
-            continue
-        if _is_counter(key):
-            report.ignored[original[key]] = "BatchNorm counter the model does not keep"
-        else:
-            report.unexpected.append(original[key])
 
-    done = {id(t.target.tensor) for t in plans.values()}
-    mismatched_names = set(report.mismatched)
+def _list_loaded_and_missing(
+    plans: dict[int, _Copy], targets: dict[str, _Target], idx: ModelIndex,
+    excluded_ids: set[int], report: LoadReport,
+) -> None:
     counters_missing = 0
+    mismatched_names = set(report.mismatched)
     # state_dict order: module by module, parameters then buffers
     canonical = {t.name: t.tensor for t in targets.values()}
     for name, tensor in canonical.items():
-        if id(tensor) in done:
+        if id(tensor) in plans:
             if plans[id(tensor)].slices is None:
                 report.loaded.append(name)
             continue
@@ -564,6 +664,8 @@ def load_pretrained(
             "checkpoint; kept as they were."
         )
 
+
+def _count_values(plans: dict[int, _Copy], idx: ModelIndex, report: LoadReport) -> None:
     total = sum(p.numel() for p in idx.params.values())
     loaded_values = 0
     for plan in plans.values():
@@ -579,9 +681,15 @@ def load_pretrained(
     report.total_params = total
     report.loaded_fraction = loaded_values / total if total else 0.0
 
+
+def _refuse(
+    model: nn.Module, origin: str, plans: dict[int, _Copy], problems: list[str],
+    mismatched: str, keys: list[str], targets: dict[str, _Target], report: LoadReport,
+) -> None:
+    """Raise when the plan must not be applied (the report rides on the error)."""
     if problems:
         raise _with_report(LoadError(
-            f"cannot load {ckpt.origin} into {type(model).__name__}: "
+            f"cannot load {origin} into {type(model).__name__}: "
             + "; ".join(problems[:5])
             + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
             + ". Nothing was changed."
@@ -590,24 +698,13 @@ def load_pretrained(
         shown = "; ".join(f"{n}: checkpoint {_shape(a)} vs model {_shape(b)}"
                           for n, (a, b) in list(report.mismatched.items())[:5])
         raise _with_report(LoadError(
-            f"{len(report.mismatched)} tensors of {ckpt.origin} have the wrong shape for "
+            f"{len(report.mismatched)} tensors of {origin} have the wrong shape for "
             f"{type(model).__name__} ({shown}). Nothing was changed. Pass "
             "mismatched='skip' to leave them as initialised, mismatched='partial' to copy "
             "the overlapping slice, or exclude= to leave them out."
         ), report)
     if not any(not _is_counter(p.target.name) for p in plans.values()):
-        raise _with_report(_nothing_loaded(model, ckpt.origin, renamed_keys, targets, report),
-                           report)
-
-    if not dry_run:
-        with torch.no_grad():
-            for plan in plans.values():
-                dst = plan.target.tensor
-                if plan.slices is None:
-                    dst.copy_(plan.src)
-                else:
-                    dst[plan.slices].copy_(plan.src[plan.slices])
-    return report
+        raise _with_report(_nothing_loaded(model, origin, keys, targets, report), report)
 
 
 def _with_report(err: LoadError, report: LoadReport) -> LoadError:

@@ -1,0 +1,78 @@
+"""The build stays warning-free (issue #12: the license table form of pyproject.toml
+stops building on 2027-02-18), and every multi-process teardown waits on a barrier."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_license_is_an_spdx_expression() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT"
+    assert all((ROOT / f).is_file() for f in project["license-files"])
+
+
+@pytest.mark.timeout(240)
+def test_wheel_builds_without_any_warning(tmp_path) -> None:
+    pytest.importorskip("setuptools")
+    # a copy, so the build leaves nothing behind in the checkout
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "src", tmp_path / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (tmp_path / "out").mkdir()
+    code = ("import setuptools.build_meta as b; "
+            "print(b.build_wheel('out'))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    # -W error: any warnings.warn (setuptools' deprecations among them) fails the build
+    proc = subprocess.run([sys.executable, "-W", "error", "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=200)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert proc.stdout.strip().splitlines()[-1].endswith(".whl")
+    noisy = [line for line in output.splitlines()
+             if re.search(r"warning|deprecat", line, re.I)]
+    assert noisy == [], "\n".join(noisy)
+
+
+def _teardowns() -> list[tuple[Path, int, list[str]]]:
+    """Every destroy_process_group() call in code, docs and examples, with the
+    lines before it."""
+    out = []
+    files = [p for d in ("src", "tests", "examples", "bench", "docs")
+             for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".md")]
+    for path in [*files, ROOT / "README.md"]:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines):
+            if "destroy_process_group()" in line and not line.lstrip().startswith("#") \
+                    and "`" not in line and path.name != Path(__file__).name:
+                out.append((path, i + 1, lines[max(0, i - 3):i]))
+    return out
+
+
+def test_every_process_group_teardown_waits_on_a_barrier() -> None:
+    # gloo aborts at exit ("terminate called without an active exception") in about
+    # 1 run of 6 when a rank destroys the group while another still talks to it
+    found = _teardowns()
+    assert len(found) >= 6
+    missing = [f"{p.relative_to(ROOT)}:{n}" for p, n, before in found
+               if not any("barrier()" in b for b in before)]
+    assert missing == []
+
+
+def test_no_test_retries_a_gloo_abort() -> None:
+    for path in (ROOT / "tests").glob("test_*.py"):
+        text = path.read_text(encoding="utf-8")
+        if path.name == Path(__file__).name:
+            continue
+        assert "terminate called without an active exception" not in text, path.name
