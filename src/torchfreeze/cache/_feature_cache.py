@@ -40,7 +40,32 @@ _DROPOUT = (
     nn.FeatureAlphaDropout,
 )
 _FLOAT_STORE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_Key = tuple[int, Any]  # (call of the boundary inside one keys() block, autocast state)
+_Key = tuple[int, Any]
+
+
+class _Registrations:
+    """Counts parameter/buffer/module assignments anywhere (torch's global registration
+    hooks), so a cache rebuilds its flat list of watched tensors only when one happened."""
+
+    count = 0
+    installed = False
+
+    @classmethod
+    def bump(cls, *args: Any) -> None:
+        cls.count += 1
+
+    @classmethod
+    def install(cls) -> None:
+        if not cls.installed:
+            from torch.nn.modules import module as _module
+
+            _module.register_module_parameter_registration_hook(cls.bump)
+            _module.register_module_buffer_registration_hook(cls.bump)
+            _module.register_module_module_registration_hook(cls.bump)
+            cls.installed = True
+
+
+_registrations = _Registrations  # (call of the boundary inside one keys() block, autocast state)
 
 
 class _Namespace:
@@ -325,6 +350,7 @@ class FeatureCache:
         # found on the first keys() pass with upto=.
         self._prefix: list[tuple[str, nn.Module]] | None = [] if upto is None else None
         self._watch: list[nn.Module] = [boundary]
+        self._prefix_names: dict[int, str] = {}
         if not pin_eval:
             self._check_deterministic(boundary, bname)
         self._check_frozen(boundary, bname)
@@ -339,8 +365,9 @@ class FeatureCache:
         self._closed = False
         self._pinned: list[nn.Module] = []
         self._feeders: list[FeatureCache] = []  # earlier caches activated by keys() (advance)
+        _Registrations.install()
         self._fingerprint = self._take_fingerprint()
-        self._fast_fingerprint: tuple[Any, ...] = ()
+        self._fast_fingerprint: list[Any] = []
         self._rebuild_watch()
         if upto is not None:
             self._refuse_hidden_states(model, bname)
@@ -596,20 +623,36 @@ class FeatureCache:
     def _begin(self, state: _Pass, args: tuple[Any, ...], kwargs: dict[str, Any], *,
                first_is_boundary: bool) -> _Segment:
         self._scan()
-        if self._prefix != [] or first_is_boundary:
+        n = state.n
+        # the first tensor input: the batch check and the autocast device in one look
+        first = None
+        batched = False
+        for value in (*args, *kwargs.values()) if kwargs else args:
+            if isinstance(value, torch.Tensor) and type(value) is not Placeholder:
+                if first is None:
+                    first = value
+                if value.dim() and value.shape[0] == n:
+                    batched = True
+                    break
+        if first is not None and not batched:
             self._check_batch(state, args, kwargs)
-        key = (state.call, _autocast_key(args, kwargs))
+        device = "cpu" if first is None else first.device.type
+        autocast = (device, torch.get_autocast_dtype(device)) \
+            if torch.is_autocast_enabled(device) else None
+        key = (state.call, autocast)
         ns = self._namespaces.get(key)
         if ns is None:
             ns = self._namespaces[key] = _Namespace(key, self._prefix == [])
-        slots = ns.storage.lookup(state.ids) if ns.storage is not None else None
-        replay = (slots is not None and ns.prefix_specs is not None
-                  and (len(slots) == 0 or int(slots.min()) >= 0))
+        slots = None
+        replay = False
+        if ns.storage is not None:
+            slots = ns.storage.lookup(state.ids)
+            replay = ns.prefix_specs is not None and (n == 0 or int(slots.min()) >= 0)
         seg = _Segment(ns, replay, slots)
         if not replay and self._prefix and ns.prefix_specs is None:
             seg.specs = {}
         if self.validate and state.discovery is None:
-            seg.digests = self._digest_inputs(args, kwargs, state.n)
+            seg.digests = self._digest_inputs(args, kwargs, n)
         state.segment = seg
         return seg
 
@@ -769,6 +812,7 @@ class FeatureCache:
             self._check_frozen(m, name)
             self._check_deterministic(m, name)
         self._prefix = [(name, m) for name, m, _ in found]
+        self._prefix_names = {id(m): name for name, m in self._prefix}
         self._watch = [m for _, m in self._prefix] + [self._boundary]
         self._patches.extend(install(m, self._on_prefix, self) for _, m in self._prefix)
         ns.prefix_specs = {id(m): [PrefixSpec(o, state.n) for o in outs] for _, m, outs in found}
@@ -776,10 +820,7 @@ class FeatureCache:
         self._rebuild_watch()
 
     def _name_of(self, module: nn.Module) -> str:
-        for name, m in self._prefix or ():
-            if m is module:
-                return name
-        return describe(module)
+        return self._prefix_names.get(id(module)) or describe(module)
 
     def _pin(self, module: nn.Module) -> None:
         if "train" in module.__dict__:
@@ -851,7 +892,7 @@ class FeatureCache:
         return self._boundary_name if top is self._boundary else self._name_of(top)
 
     def _rebuild_watch(self) -> None:
-        """Flat lists for the every-batch scan: the tensor dicts and the random modules."""
+        """Flat lists for the every-batch scan: the tensors and the random modules."""
         self._tensor_dicts: list[dict[str, Any]] = []
         self._random: list[tuple[nn.Module, nn.Module]] = []
         for top in self._watch:
@@ -859,15 +900,23 @@ class FeatureCache:
                 self._tensor_dicts += (m._parameters, m._buffers)
                 if isinstance(m, _DROPOUT) or is_batchnorm(m):
                     self._random.append((top, m))
-        self._fast_fingerprint = ()
+        self._tensors = [t for d in self._tensor_dicts for t in d.values() if t is not None]
+        self._structure = _registrations.count
+        self._fast_fingerprint = []
 
     def _scan(self) -> None:
         """Every-batch checks over flat lists (no names); names only on a finding."""
+        if self._structure != _registrations.count:
+            # a parameter, buffer or module was (re)assigned somewhere: maybe here
+            self._rebuild_watch()
         for top, m in self._random:
             if m.training and not self._is_deterministic(m):
                 self._check_deterministic(top, self._label(top))
-        key = tuple([x for d in self._tensor_dicts for t in d.values() if t is not None
-                     for x in (id(t), t.data_ptr(), t._version, t.requires_grad)])
+        # _version counts in-place writes; data_ptr catches `.data =`; requires_grad an
+        # unfreeze. One flat list: this runs every batch.
+        key = [t._version for t in self._tensors]
+        key += [t.data_ptr() for t in self._tensors]
+        key += [t.requires_grad for t in self._tensors]
         if key != self._fast_fingerprint:
             for top in self._watch:
                 self._check_frozen(top, self._label(top))
@@ -910,7 +959,7 @@ class FeatureCache:
                 )
             if sample_ids.dtype != torch.long or sample_ids.device.type != "cpu":
                 sample_ids = sample_ids.to("cpu", torch.long)
-            return sample_ids, len(sample_ids)
+            return sample_ids, sample_ids.shape[0]
         if hasattr(sample_ids, "tolist") and not isinstance(sample_ids, (str, bytes)):
             sample_ids = sample_ids.tolist()  # numpy arrays
         if isinstance(sample_ids, (str, bytes)) or not isinstance(sample_ids, Iterable):

@@ -354,10 +354,11 @@ class _Leaf:
 class PrefixSpec:
     """The recorded output structure of one prefix-module call, to rebuild as placeholders."""
 
-    __slots__ = ("last", "leaves", "treespec")
+    __slots__ = ("last", "leaves", "one", "treespec")
 
     def __init__(self, out: Any, batch: int) -> None:
         self.last: Placeholder | None = None
+        self.one = isinstance(out, torch.Tensor)
         flat, self.treespec = pytree.tree_flatten(out)
         self.leaves: list[Any] = []
         for x in flat:
@@ -371,7 +372,7 @@ class PrefixSpec:
                 self.leaves.append(x)
 
     def placeholders(self, batch: int, clock: Clock, source: str) -> Any:
-        if self.treespec.is_leaf() and isinstance(self.leaves[0], _Leaf):
+        if self.one:
             # One tensor (the common case). The last one is handed out again when nothing
             # else holds it any more (2 references: self.last and getrefcount's argument),
             # so no stale reference can come back to life with the new tick.

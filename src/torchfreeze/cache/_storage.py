@@ -257,8 +257,10 @@ class SlabStorage:
         if len(segs) == 1:
             seg = segs[0]
             idx = slots if seg.start == 0 else slots - seg.start
-            return [leaf.index_select(0, idx).to(device, non_blocking=True)
-                    for leaf in seg.leaves]
+            out = [leaf.index_select(0, idx) for leaf in seg.leaves]
+            if out[0].device != device:
+                out = [o.to(device, non_blocking=True) for o in out]
+            return out
         out = [torch.empty((len(slots), *shape), dtype=dtype)
                for shape, dtype in zip(self._shapes, self._dtypes)]
         for seg in segs:
