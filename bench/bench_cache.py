@@ -328,8 +328,9 @@ def main() -> None:
         f"{B1B_BATCH}, {B1B_N} samples, epochs 2-{B1B_EPOCHS} (every batch replayed), the "
         "variants alternating step by step, compared by median step time. hand-written: the "
         "prefix's outputs precomputed into one tensor, each step indexes it (the limit). "
-        "speed = hand-written time / variant time. flat: an nn.Sequential of the 8 layers and the head, upto= its 8th "
-        "layer (7 prefix modules hand out placeholders each step).\n"
+        "speed = hand-written time / variant time. flat: an nn.Sequential of the 8 layers "
+        "and the head, upto= its 8th layer (7 prefix modules hand out placeholders each "
+        "step).\n"
         f"Machine: {machine_line()}"
     )
     console().print(table("B1b: per-step overhead of a replayed step vs a precomputed index",
