@@ -212,7 +212,7 @@ def cases() -> list[Case]:
         tokens[:, 0] = 101  # [CLS]
         labels = torch.randint(0, 2, (32,), generator=g)
         out.append(Case(
-            "MiniLM-L6 (stock HF model), upto='bert.encoder.layer.4'", minilm_classifier,
+            "MiniLM-L6 stock HF, emb + 5/6 layers", minilm_classifier,
             tokens, labels, 8, lr=1e-4,
             frozen=("bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1",
                     "bert.encoder.layer.2", "bert.encoder.layer.3", "bert.encoder.layer.4"),

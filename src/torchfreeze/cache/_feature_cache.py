@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
 import warnings
 from collections.abc import Hashable, Iterable, Iterator
@@ -41,6 +42,9 @@ _DROPOUT = (
 )
 _FLOAT_STORE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _Key = tuple[int, Any]
+# C-level loops for the every-batch scan
+_VERSION_GRAD = operator.attrgetter("_version", "requires_grad")
+_DATA_PTR = operator.methodcaller("data_ptr")
 
 
 class _Registrations:
@@ -537,11 +541,15 @@ class FeatureCache:
             seg = state.segment or self._begin(state, args, kwargs, first_is_boundary=True)
             ns = seg.ns
             if seg.replay:
-                assert ns.spec is not None and ns.storage is not None and seg.slots is not None
-                self._check_digests(state, seg)
-                leaves = ns.storage.read(seg.slots, ns.spec.device)
+                spec = ns.spec
+                assert spec is not None and ns.storage is not None and seg.slots is not None
+                if seg.digests is not None:
+                    self._check_digests(state, seg)
+                leaves = ns.storage.read(seg.slots, spec.device)
                 self.hits += state.n
-                return unflatten_output(ns.spec, self._as_output(ns.spec, leaves))
+                if spec.kind == "tensor" and leaves[0].dtype == spec.dtypes[0]:
+                    return leaves[0]
+                return unflatten_output(spec, self._as_output(spec, leaves))
             if self._prefix == []:
                 return self._rows_forward(state, seg, patch, args, kwargs)
             out = patch.orig(*args, **kwargs)
@@ -914,9 +922,8 @@ class FeatureCache:
                 self._check_deterministic(top, self._label(top))
         # _version counts in-place writes; data_ptr catches `.data =`; requires_grad an
         # unfreeze. One flat list: this runs every batch.
-        key = [t._version for t in self._tensors]
-        key += [t.data_ptr() for t in self._tensors]
-        key += [t.requires_grad for t in self._tensors]
+        key = list(map(_VERSION_GRAD, self._tensors))
+        key += map(_DATA_PTR, self._tensors)
         if key != self._fast_fingerprint:
             for top in self._watch:
                 self._check_frozen(top, self._label(top))
