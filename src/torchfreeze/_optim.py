@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch.optim import lr_scheduler as lrs
 
+from ._compat import child_schedulers
 from .errors import SchedulerError, TorchfreezeError
 
 __all__ = ["NO_DECAY_SUFFIX", "added_group_name", "prepare_new_group", "scheduler_checks"]
@@ -161,7 +162,7 @@ def _plan_scheduler(
         ops.append(lambda: seq.append(value))
 
     if isinstance(sched, (lrs.SequentialLR, lrs.ChainedScheduler)):
-        for i, child in enumerate(sched._schedulers):
+        for i, child in enumerate(child_schedulers(sched)):
             ops += _plan_scheduler(child, optimizer, scale, new_lr, f"{path}._schedulers[{i}]")
         if isinstance(getattr(sched, "_last_lr", None), list):
             extend("_last_lr", lambda s: new_lr)

@@ -64,6 +64,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ._compat import (
+    ddp_bucket_caps,
+    ddp_comm_hooks,
+    ddp_delays_all_reduce,
+    ddp_logging_data,
+    refresh_fsdp_grad_dtypes,
+)
 from .errors import DistributedFreezeError, TorchfreezeError
 from .freeze import (
     _capture,
@@ -119,7 +126,7 @@ def construction_kwargs(ddp: DistributedDataParallel) -> dict[str, Any]:
     problems = []
     if getattr(ddp, "mixed_precision", None) is not None:
         problems.append("mixed_precision= (its hooks on the module belong to the old wrapper)")
-    if getattr(ddp, "_delay_all_reduce_params", None):
+    if ddp_delays_all_reduce(ddp):
         problems.append("delay_all_reduce_named_params= / param_to_hook_all_reduce=")
     if getattr(ddp, "buffer_hook", None) is not None:
         problems.append("a buffer communication hook (_register_buffer_comm_hook)")
@@ -155,7 +162,7 @@ def construction_kwargs(ddp: DistributedDataParallel) -> dict[str, Any]:
     # bucket_bytes_cap_default is True exactly when bucket_cap_mb was left at None;
     # passing the number back would lose DDP's small first bucket.
     kwargs["bucket_cap_mb"] = None if ddp.bucket_bytes_cap_default else ddp.bucket_bytes_cap / _MB
-    per_bucket = getattr(getattr(ddp, "_bucket_config", None), "per_bucket_bytes_caps", ())
+    per_bucket = ddp_bucket_caps(ddp)
     if per_bucket:
         kwargs["bucket_cap_mb_list"] = [b / _MB for b in per_bucket]
     # broadcast_buffers=False also skips the initial buffer sync: rank-local buffers
@@ -181,7 +188,7 @@ def _ddp_parameters() -> set[str]:
 
 
 def _comm_hook_problems(ddp: DistributedDataParallel) -> list[str]:
-    hooks = list(getattr(ddp, "_comm_hooks", []))
+    hooks = ddp_comm_hooks(ddp)
     problems = [
         f"communication hook {getattr(h, '__qualname__', h)!r} with state of type "
         f"{type(s).__name__} (its state may be tied to the old bucket layout)"
@@ -190,20 +197,15 @@ def _comm_hook_problems(ddp: DistributedDataParallel) -> list[str]:
     ]
     if not hooks and getattr(ddp, "logger", None) is not None:
         # built-in (C++) hooks are not listed in _comm_hooks; the logger knows them
-        name = ddp._get_ddp_logging_data().get("comm_hook", "")
+        name = ddp_logging_data(ddp).get("comm_hook", "")
         if name and name != "builtin_allreduce":
             problems.append(f"built-in communication hook {name!r}")
     return problems
 
 
-def _fsdp_module_class() -> type | None:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch < 2.6
-        try:
-            from torch.distributed._composable.fsdp import FSDPModule
-        except ImportError:
-            return None
+def _fsdp_module_class() -> type:
+    from torch.distributed.fsdp import FSDPModule
+
     return FSDPModule
 
 
@@ -216,8 +218,7 @@ def _kind(model: Any, fn: str) -> str:
                 "torchfreeze.distributed.freeze/unfreeze; use the wrapper that call returned."
             )
         return "ddp"
-    fsdp = _fsdp_module_class()
-    if fsdp is not None and isinstance(model, fsdp):
+    if isinstance(model, _fsdp_module_class()):
         return "fsdp"
     raise DistributedFreezeError(
         f"torchfreeze.distributed.{fn}() takes a DistributedDataParallel wrapper or a "
@@ -254,18 +255,8 @@ def _refresh_fsdp(model: nn.Module) -> None:
     trainable set."""
     fsdp = _fsdp_module_class()
     for m in model.modules():
-        if fsdp is None or not isinstance(m, fsdp):
-            continue
-        group = getattr(m._get_fsdp_state(), "_fsdp_param_group", None)
-        if group is None or not hasattr(group, "_orig_dtype"):
-            continue  # lazy init has not run yet; it will read the new state itself
-        init = getattr(group, "_init_mp_dtypes", None)
-        if init is None:  # pragma: no cover - other torch versions
-            raise DistributedFreezeError(
-                f"cannot refresh FSDP2's gradient dtypes in torch {torch.__version__}; "
-                "change requires_grad before the first forward instead."
-            )
-        init()
+        if isinstance(m, fsdp):
+            refresh_fsdp_grad_dtypes(m)
 
 
 # ---------------------------------------------------------------------------
@@ -276,7 +267,7 @@ def _strip_prefix(selectors: Any, inner: nn.Module) -> Any:
     """Accept names as ``ddp.named_parameters()`` spells them (``module.0``) as well
     as the wrapped model's own (``0``), unless the model has a child named
     ``module`` (then names are the model's own)."""
-    if "module" in inner._modules:
+    if any(name == "module" for name, _ in inner.named_children()):
         return selectors
     if isinstance(selectors, str):
         if selectors == "module":
@@ -328,7 +319,7 @@ def _rewrap(
     ddp: DistributedDataParallel, kwargs: dict[str, Any], snapshot: Any
 ) -> DistributedDataParallel:
     module = ddp.module
-    comm_hooks = list(getattr(ddp, "_comm_hooks", []))
+    comm_hooks = ddp_comm_hooks(ddp)
     ctor_kwargs = dict(kwargs)
     sync = ctor_kwargs.pop("broadcast_buffers")
     if "forward_sync_buffers" in _ddp_parameters() and sync:

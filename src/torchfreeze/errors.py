@@ -23,6 +23,7 @@ __all__ = [
     "SelectionError",
     "TiedWeightWarning",
     "TorchfreezeError",
+    "UnsupportedTorchError",
     "UnusedRuleWarning",
 ]
 
@@ -81,6 +82,13 @@ class CheckError(TorchfreezeError):
     def __init__(self, message: str, *, findings: Sequence[Any] = ()) -> None:
         super().__init__(message)
         self.findings = list(findings)
+
+
+class UnsupportedTorchError(TorchfreezeError, RuntimeError):
+    """The installed torch lacks an API torchfreeze relies on, or is older than the
+    supported floor; the message names the supported and tested torch versions
+    (every private torch API torchfreeze uses is listed in ``torchfreeze._compat``).
+    """
 
 
 class UnusedRuleWarning(UserWarning):

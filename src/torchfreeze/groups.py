@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
 
+from ._compat import NormBase
 from .errors import TorchfreezeError, UnusedRuleWarning
 from .select import ModelIndex, require_module, resolve
 
@@ -35,7 +35,7 @@ _TFZ_KEYS = ("lr", "lr_mult", "weight_decay", "decay_mult")
 _NORM_NAME = re.compile(r"(Layer|RMS|Group|Batch|Instance)Norm|Norm$")
 _NORM_TYPES: tuple[type, ...] = tuple(
     t
-    for t in (_NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None),
+    for t in (NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None),
               nn.LocalResponseNorm)
     if t is not None
 )

@@ -23,9 +23,8 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.instancenorm import _InstanceNorm
 
+from ._compat import BatchNormBase, InstanceNormBase
 from .errors import SelectionError, TorchfreezeError
 from .select import Selector, require_module, resolve
 
@@ -50,9 +49,9 @@ _POLICY_ATTR = "_torchfreeze_bn"
 def is_batchnorm(module: nn.Module) -> bool:
     """True for layers with running statistics: BatchNorm1d/2d/3d, SyncBatchNorm,
     lazy variants, InstanceNorm with ``track_running_stats=True``, FrozenBatchNorm."""
-    if isinstance(module, (_BatchNorm, FrozenBatchNorm)):
+    if isinstance(module, (BatchNormBase, FrozenBatchNorm)):
         return True
-    return isinstance(module, _InstanceNorm) and module.track_running_stats
+    return isinstance(module, InstanceNormBase) and module.track_running_stats
 
 
 def bn_policy(module: nn.Module) -> str | None:

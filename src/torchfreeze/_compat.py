@@ -1,0 +1,261 @@
+"""Every private PyTorch API torchfreeze relies on, in one place.
+
+torch promises nothing about names that start with an underscore. Each one we
+need is reached through this module only and listed in :data:`PRIVATE_APIS`
+(what it is, what we use it for). ``tests/test_compat.py`` checks every entry
+against the installed torch with real objects, so a torch upgrade that drops or
+renames one fails there, in one test, naming it; at run time the accessors below
+raise :class:`~torchfreeze.errors.UnsupportedTorchError`, naming the torch
+versions this release supports, instead of silently doing the wrong thing.
+
+Supported torch: :data:`MIN_TORCH` and newer minor releases as far as these
+APIs still exist; tested: :data:`TESTED_TORCH` (CI pins it, see the README's
+"Supported versions").
+
+Example:
+    >>> from torchfreeze import _compat
+    >>> _compat.missing_private_apis()
+    []
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._version import __version__
+from .errors import UnsupportedTorchError
+
+__all__ = [
+    "MIN_TORCH",
+    "PRIVATE_APIS",
+    "TESTED_TORCH",
+    "BatchNormBase",
+    "InstanceNormBase",
+    "NormBase",
+    "check_torch_version",
+    "child_schedulers",
+    "ddp_bucket_caps",
+    "ddp_comm_hooks",
+    "ddp_delays_all_reduce",
+    "ddp_logging_data",
+    "missing_private_apis",
+    "refresh_fsdp_grad_dtypes",
+    "supported_torch",
+    "unsupported",
+]
+
+MIN_TORCH = (2, 13)
+"""The oldest torch this release declares (``torch>=2.13`` in pyproject)."""
+TESTED_TORCH = "2.13.0"
+"""The torch CI runs (``.ci/constraints.txt``)."""
+
+PRIVATE_APIS: dict[str, str] = {
+    "torch.nn.modules.batchnorm._BatchNorm":
+        "base class of BatchNorm1d/2d/3d, SyncBatchNorm and LazyBatchNorm: BN policies (norm.py)",
+    "torch.nn.modules.batchnorm._NormBase":
+        "base class of batch and instance norms: no weight decay for norm layers (groups.py)",
+    "torch.nn.modules.instancenorm._InstanceNorm":
+        "InstanceNorm with running statistics is pinned like BatchNorm (norm.py)",
+    "DistributedDataParallel._get_ddp_logging_data()":
+        "parameter count/bytes the reducer was built for, built-in comm hook name "
+        "(check.py wrapped-before-freeze, distributed.py re-wrap refusals)",
+    "DistributedDataParallel._comm_hooks":
+        "Python comm hooks to carry over to the re-built wrapper (distributed.py)",
+    "DistributedDataParallel._delay_all_reduce_params / _delay_all_reduce_all_params":
+        "delayed all-reduce cannot be re-built; its parameters are not in the reducer",
+    "DistributedDataParallel._bucket_config.per_bucket_bytes_caps":
+        "bucket_cap_mb_list to pass to the re-built wrapper (distributed.py)",
+    "FSDPModule._get_fsdp_state()._fsdp_param_group._init_mp_dtypes()":
+        "FSDP2 reads gradient dtypes at lazy init only; unfreezing a unit under a "
+        "MixedPrecisionPolicy after its first forward must recompute them (distributed.py)",
+    "SequentialLR._schedulers / ChainedScheduler._schedulers":
+        "the child schedulers that must learn about a new param group (_optim.py)",
+    "LRScheduler._last_lr":
+        "per-group last learning rates, extended with a new group (_optim.py)",
+    "nn.Module._parameters / _buffers / _non_persistent_buffers_set / _modules":
+        "a module's own tensors by their registered names, including tied duplicates "
+        "and non-persistent buffers (select.py, groups.py, load.py, distributed.py)",
+}
+"""Every private torch API torchfreeze uses -> why."""
+
+
+def torch_version(version: str | None = None) -> tuple[int, int]:
+    """(major, minor) of ``version`` (default: the installed torch)."""
+    found = re.match(r"(\d+)\.(\d+)", version or torch.__version__)
+    if found is None:  # pragma: no cover - torch always has a numeric version
+        return (0, 0)
+    return int(found.group(1)), int(found.group(2))
+
+
+def supported_torch() -> str:
+    """The supported torch versions, as a sentence fragment for error messages."""
+    return f"torch>={MIN_TORCH[0]}.{MIN_TORCH[1]} (tested with {TESTED_TORCH})"
+
+
+def unsupported(api: str, purpose: str) -> UnsupportedTorchError:
+    """The error for a private torch API that the installed torch lacks."""
+    newer = torch_version() > torch_version(TESTED_TORCH)
+    hint = (
+        f"torch {torch.__version__} is newer than any torch this release was tested with"
+        if newer else f"torch {torch.__version__} is not supported"
+    )
+    return UnsupportedTorchError(
+        f"torchfreeze {__version__} needs torch's private {api} ({purpose}), which the "
+        f"installed torch {torch.__version__} does not have: {hint}. Supported: "
+        f"{supported_torch()}. Install torch=={TESTED_TORCH}, or a torchfreeze release "
+        "that supports your torch."
+    )
+
+
+def check_torch_version() -> None:
+    """Raise :class:`~torchfreeze.errors.UnsupportedTorchError` below :data:`MIN_TORCH`."""
+    if torch_version() < MIN_TORCH:
+        raise UnsupportedTorchError(
+            f"torchfreeze {__version__} supports {supported_torch()}, found torch "
+            f"{torch.__version__}. Upgrade torch (pip install 'torch>={MIN_TORCH[0]}."
+            f"{MIN_TORCH[1]}')."
+        )
+
+
+check_torch_version()
+
+# ---------------------------------------------------------------------------
+# norm layer base classes
+
+try:
+    from torch.nn.modules.batchnorm import _BatchNorm as BatchNormBase
+    from torch.nn.modules.batchnorm import _NormBase as NormBase
+    from torch.nn.modules.instancenorm import _InstanceNorm as InstanceNormBase
+except ImportError as exc:  # pragma: no cover - only on an unsupported torch
+    raise unsupported(
+        "norm base classes (_BatchNorm, _NormBase, _InstanceNorm)",
+        "recognising every BatchNorm/InstanceNorm variant",
+    ) from exc
+
+
+# ---------------------------------------------------------------------------
+# nn.Module internals
+
+
+def own_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``module``'s directly registered parameters, tied duplicates included."""
+    for name, p in module._parameters.items():
+        if p is not None:
+            yield name, p
+
+
+def own_buffers(module: nn.Module) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """``module``'s directly registered buffers: (name, tensor, persistent)."""
+    skip = module._non_persistent_buffers_set
+    for name, b in module._buffers.items():
+        if b is not None:
+            yield name, b, name not in skip
+
+
+# ---------------------------------------------------------------------------
+# DistributedDataParallel internals
+
+
+def ddp_logging_data(ddp: nn.Module) -> dict[str, Any]:
+    """What DDP logged about itself at construction (parameter counts, comm hook)."""
+    get = getattr(ddp, "_get_ddp_logging_data", None)
+    if get is None:
+        raise unsupported("DistributedDataParallel._get_ddp_logging_data()",
+                          "which parameters the wrapper's reducer was built for")
+    return dict(get())
+
+
+def ddp_comm_hooks(ddp: nn.Module) -> list[tuple[Any, Any]]:
+    """The Python communication hooks registered on ``ddp``: (hook, state) pairs."""
+    hooks = getattr(ddp, "_comm_hooks", None)
+    if not isinstance(hooks, list):
+        raise unsupported("DistributedDataParallel._comm_hooks",
+                          "carrying communication hooks over to a re-built wrapper")
+    return list(hooks)
+
+
+def ddp_delays_all_reduce(ddp: nn.Module) -> bool:
+    """Whether ``ddp`` delays the all-reduce of some or all parameters."""
+    missing = [a for a in ("_delay_all_reduce_params", "_delay_all_reduce_all_params")
+               if not hasattr(ddp, a)]
+    if missing:
+        raise unsupported(f"DistributedDataParallel.{missing[0]}",
+                          "parameters whose all-reduce DDP delays")
+    return bool(ddp._delay_all_reduce_params or ddp._delay_all_reduce_all_params)
+
+
+def ddp_bucket_caps(ddp: nn.Module) -> tuple[int, ...]:
+    """Per-bucket byte caps given as ``bucket_cap_mb_list`` (empty when not used)."""
+    config = getattr(ddp, "_bucket_config", None)
+    if config is None or not hasattr(config, "per_bucket_bytes_caps"):
+        raise unsupported("DistributedDataParallel._bucket_config.per_bucket_bytes_caps",
+                          "the bucket sizes to give a re-built wrapper")
+    return tuple(config.per_bucket_bytes_caps or ())
+
+
+# ---------------------------------------------------------------------------
+# FSDP2 internals
+
+
+def refresh_fsdp_grad_dtypes(unit: nn.Module) -> None:
+    """Recompute an FSDP2 unit's gradient dtypes from its current trainable set.
+
+    FSDP2 reads them at lazy init (the first forward) only; a unit wholly frozen
+    then has none, and under a MixedPrecisionPolicy the backward after unfreezing
+    it assigns a bf16 gradient to an fp32 parameter. Does nothing before lazy init.
+    """
+    get_state = getattr(unit, "_get_fsdp_state", None)
+    if get_state is None:
+        raise unsupported("FSDPModule._get_fsdp_state()",
+                          "refreshing FSDP2's gradient dtypes after unfreezing")
+    group = getattr(get_state(), "_fsdp_param_group", None)
+    if group is None or not hasattr(group, "_orig_dtype"):
+        return  # lazy init has not run yet; it will read the new state itself
+    init = getattr(group, "_init_mp_dtypes", None)
+    if init is None:
+        raise unsupported("FSDPParamGroup._init_mp_dtypes()",
+                          "refreshing FSDP2's gradient dtypes after unfreezing; change "
+                          "requires_grad before the first forward instead")
+    init()
+
+
+# ---------------------------------------------------------------------------
+# LR scheduler internals
+
+
+def child_schedulers(sched: Any) -> list[Any]:
+    """The schedulers inside a ``SequentialLR`` or ``ChainedScheduler``."""
+    children = getattr(sched, "_schedulers", None)
+    if not isinstance(children, list):
+        raise unsupported(f"{type(sched).__name__}._schedulers",
+                          "registering a new param group with its child schedulers")
+    return children
+
+
+# ---------------------------------------------------------------------------
+
+
+def missing_private_apis() -> list[str]:
+    """The entries of :data:`PRIVATE_APIS` that the installed torch lacks at class
+    level (instance attributes are checked by the tests with real objects)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    missing = []
+    if not hasattr(DistributedDataParallel, "_get_ddp_logging_data"):
+        missing.append("DistributedDataParallel._get_ddp_logging_data()")
+    if not hasattr(FSDPModule, "_get_fsdp_state"):
+        missing.append("FSDPModule._get_fsdp_state()")
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+    except ImportError:
+        missing.append("torch.distributed.fsdp._fully_shard._fsdp_param_group")
+    else:
+        if not hasattr(FSDPParamGroup, "_init_mp_dtypes"):
+            missing.append("FSDPParamGroup._init_mp_dtypes()")
+    return missing
