@@ -22,6 +22,7 @@ from typing import Any
 # verify, summary, layers). Importing a submodule binds the package attribute to
 # the *module*; the explicit imports below run after, and rebind the names to the
 # functions. Keep every submodule import here, before anything uses the package.
+from ._version import __version__
 from .autofreeze import AutoFreeze, FreezeStats
 from .cache import FeatureCache
 from .check import Diagnosis, Finding, check
@@ -37,6 +38,7 @@ from .errors import (
     SelectionError,
     TiedWeightWarning,
     TorchfreezeError,
+    UnsupportedTorchError,
     UnusedRuleWarning,
 )
 from .freeze import freeze, freeze_state, freeze_to, frozen, load_freeze_state, unfreeze
@@ -48,8 +50,6 @@ from .schedule import FineTune, GradualUnfreeze, fine_tune_schedule
 from .select import Selection, Selector, select
 from .summary import Summary, summary
 from .verify import VerifyReport, verify
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AutoFreeze",
@@ -77,6 +77,7 @@ __all__ = [
     "Summary",
     "TiedWeightWarning",
     "TorchfreezeError",
+    "UnsupportedTorchError",
     "UnusedRuleWarning",
     "VerifyReport",
     "__version__",

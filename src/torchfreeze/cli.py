@@ -21,6 +21,7 @@ import difflib
 import importlib
 import json
 import os
+import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -243,7 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EXIT_HELP,
         formatter_class=fmt,
     )
-    parser.add_argument("--version", action="version", version=f"torchfreeze {__version__}")
+    parser.add_argument(
+        "--version", action="version",
+        # what a bug report needs: ours, and the torch/Python it runs on
+        version=f"torchfreeze {__version__} (torch {torch.__version__}, "
+                f"Python {platform.python_version()})",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser(
