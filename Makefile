@@ -1,20 +1,23 @@
 # One-command set-up: `make demo` (the main job) and `make test`.
 # torch==2.13.0 is installed *before* the project: on our machines that is the
-# CPU wheel; letting pip resolve `torch>=2.4` itself pulls a multi-GB CUDA build.
+# CPU wheel; letting pip resolve `torch>=2.13` itself pulls a multi-GB CUDA build.
+# .ci/constraints.txt pins what CI tests (the README's "Supported versions").
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
+PIN     = -c .ci/constraints.txt
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
+export NO_MKDOCS_2_WARNING = 1
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint typecheck docs bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,demo]"
+	$(PY) -m pip install -q $(PIN) -e ".[test,demo,dev]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -22,15 +25,25 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/torchfreeze demo
 
+# what .ci/run calls: lint, types, the API reference (warnings are errors), the tests
 test: setup
 	$(PY) -m ruff check src tests bench examples
+	-$(PY) -m mypy
+	$(PY) -m mkdocs build --strict -q
 	$(PY) -m pytest -n 2 -q
 
 lint: setup
 	$(PY) -m ruff check src tests bench examples
 
+typecheck: setup
+	$(PY) -m mypy
+
+# the API reference, built from the docstrings into site/ (open site/index.html)
+docs: setup
+	$(PY) -m mkdocs build --strict
+
 bench: setup
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf $(VENV) torchfreeze-demo .pytest_cache
+	rm -rf $(VENV) torchfreeze-demo site .mypy_cache .pytest_cache

@@ -33,7 +33,7 @@ def cpu_model() -> str:
 
 
 def machine_line(*, threads: bool = True) -> str:
-    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     used = f" ({torch.get_num_threads()} thread(s) used)" if threads else ""
     return (
         f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}{used}, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import itertools
 import math
 import warnings
 from pathlib import Path
@@ -232,8 +233,8 @@ def _check_minilm_groups(model: nn.Module, groups: list[dict], decay: float) -> 
     chain += [lr[f"bert.encoder.layer.{i}.attention.self.query.weight"] for i in range(6)]
     chain += [lr["classifier.weight"]]
     assert chain[-1] == 1e-3 and lr["bert.pooler.dense.weight"] == 1e-3
-    assert all(a < b for a, b in zip(chain, chain[1:]))
-    for a, b in zip(chain, chain[1:]):
+    assert all(a < b for a, b in itertools.pairwise(chain))
+    for a, b in itertools.pairwise(chain):
         assert b / a == pytest.approx(1 / decay, rel=1e-12)
     # every parameter of a layer shares its layer's lr
     for i in range(6):
