@@ -134,3 +134,14 @@ def test_private_torch_imports_live_only_in_compat() -> None:
         "private torch APIs belong in torchfreeze/_compat.py (listed in PRIVATE_APIS, "
         f"checked by this file): {offenders}"
     )
+
+
+def test_foreach_norm_matches_vector_norm(monkeypatch) -> None:
+    ts = [torch.randn(3, 4), torch.randn(5), torch.zeros(2)]
+    want = [torch.linalg.vector_norm(t) for t in ts]
+    assert hasattr(torch, "_foreach_norm")
+    for got in (_compat.foreach_norm(ts), None):
+        if got is None:  # the fallback a torch without _foreach_norm takes
+            monkeypatch.delattr(torch, "_foreach_norm")
+            got = _compat.foreach_norm(ts)
+        assert [float(g) for g in got] == pytest.approx([float(w) for w in want])

@@ -43,7 +43,13 @@ __all__ = [
     "ddp_comm_hooks",
     "ddp_delays_all_reduce",
     "ddp_logging_data",
+    "disabled_torch_function",
+    "foreach_norm",
+    "make_wrapper_subclass",
     "missing_private_apis",
+    "own_buffers",
+    "own_parameters",
+    "pytree",
     "refresh_fsdp_grad_dtypes",
     "supported_torch",
     "unsupported",
@@ -75,6 +81,14 @@ PRIVATE_APIS: dict[str, str] = {
         "MixedPrecisionPolicy after its first forward must recompute them (distributed.py)",
     "SequentialLR._schedulers / ChainedScheduler._schedulers":
         "the child schedulers that must learn about a new param group (_optim.py)",
+    "torch._foreach_norm":
+        "one fused call for every gradient's norm, AutoFreeze's per-step statistics "
+        "(autofreeze.py); falls back to one vector_norm per tensor",
+    "torch.utils._pytree":
+        "flattening a prefix's nested inputs and outputs (tree_flatten, tree_unflatten, "
+        "tree_map_only, tree_leaves) to store and replay them (cache/)",
+    "torch.Tensor._make_wrapper_subclass / torch._C._disabled_torch_function_impl":
+        "the placeholder tensor that stands in for a skipped prefix's output (cache/_hook.py)",
     "LRScheduler._last_lr":
         "per-group last learning rates, extended with a new group (_optim.py)",
     "nn.Module._parameters / _buffers / _non_persistent_buffers_set / _modules":
@@ -136,6 +150,28 @@ except ImportError as exc:  # pragma: no cover - only on an unsupported torch
         "norm base classes (_BatchNorm, _NormBase, _InstanceNorm)",
         "recognising every BatchNorm/InstanceNorm variant",
     ) from exc
+
+
+# ---------------------------------------------------------------------------
+# pytrees and tensor subclasses (FeatureCache)
+
+try:
+    from torch.utils import _pytree as pytree
+except ImportError as exc:  # pragma: no cover - only on an unsupported torch
+    raise unsupported("torch.utils._pytree", "storing nested prefix outputs") from exc
+
+disabled_torch_function: Any = getattr(torch._C, "_disabled_torch_function_impl", None)
+"""Set as ``__torch_function__`` of a tensor subclass that only implements dispatch."""
+
+
+def make_wrapper_subclass(cls: type, shape: tuple[int, ...], stride: tuple[int, ...] | None,
+                          *, dtype: torch.dtype, device: torch.device) -> Any:
+    """A tensor of subclass ``cls`` with this metadata and no storage of its own."""
+    make = getattr(torch.Tensor, "_make_wrapper_subclass", None)
+    if make is None or disabled_torch_function is None:
+        raise unsupported("torch.Tensor._make_wrapper_subclass",
+                          "the placeholder a FeatureCache returns for a skipped prefix")
+    return make(cls, shape, stride, dtype=dtype, device=device, requires_grad=False)
 
 
 # ---------------------------------------------------------------------------
@@ -225,6 +261,18 @@ def refresh_fsdp_grad_dtypes(unit: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------
+# kernels
+
+
+def foreach_norm(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The L2 norm of each tensor, in one fused call where torch has it."""
+    fused = getattr(torch, "_foreach_norm", None)
+    if fused is None:  # same values, one kernel per tensor
+        return [torch.linalg.vector_norm(t) for t in tensors]
+    return list(fused(tensors))
+
+
+# ---------------------------------------------------------------------------
 # LR scheduler internals
 
 
@@ -247,6 +295,12 @@ def missing_private_apis() -> list[str]:
     from torch.nn.parallel import DistributedDataParallel
 
     missing = []
+    if disabled_torch_function is None:
+        missing.append("torch._C._disabled_torch_function_impl")
+    if not hasattr(torch.Tensor, "_make_wrapper_subclass"):
+        missing.append("torch.Tensor._make_wrapper_subclass")
+    if not hasattr(torch, "_foreach_norm"):
+        missing.append("torch._foreach_norm")
     if not hasattr(DistributedDataParallel, "_get_ddp_logging_data"):
         missing.append("DistributedDataParallel._get_ddp_logging_data()")
     if not hasattr(FSDPModule, "_get_fsdp_state"):

@@ -12,8 +12,8 @@ How a decision is made (``policy="gradnorm"``, :class:`GradNormRule`):
 
 1. Every :meth:`AutoFreeze.step` adds each unfrozen group's gradient L2 norm
    to a per-group accumulator on the gradients' device (one
-   ``torch._foreach_norm`` over all gradients plus one ``index_add_``; no
-   host synchronisation per step).
+   ``torch._foreach_norm``, via ``_compat``, over all gradients plus one
+   ``index_add_``; no host synchronisation per step).
 2. Every ``interval`` steps the accumulated norms are read once (under DDP:
    averaged over ranks first), and the rule computes each group's change rate
    ``r = |prev - cur| / prev`` against the previous interval.
@@ -67,6 +67,7 @@ from typing import Any, Literal, Protocol, Union
 import torch
 from torch import nn
 
+from ._compat import foreach_norm
 from ._report import Report
 from .errors import FreezeStateError, TorchfreezeError
 from .freeze import freeze
@@ -471,7 +472,7 @@ class AutoFreeze:
             # a host->device copy synchronises; it happens only when the set changes
             self._seg = torch.tensor(seg, dtype=torch.long).to(self._acc.device)
             self._seg_key = key
-        norms = torch._foreach_norm(grads)
+        norms = foreach_norm(grads)
         if all(n.dtype == torch.float32 and n.device == device for n in norms):
             sq = torch.stack(norms)
         else:

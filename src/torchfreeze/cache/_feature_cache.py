@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
+from .._compat import pytree
 from ..errors import CacheError
 from ..norm import _PinnedEval, is_batchnorm
 from ._hook import (
@@ -278,9 +278,10 @@ class FeatureCache:
             extraction); undone by :meth:`close`.
 
     Attributes:
-        hits: samples replayed. misses: samples whose prefix output was computed.
+        hits: samples replayed.
+        misses: samples whose prefix output was computed.
         invalidations: times the stored entries were dropped because a prefix
-        tensor changed.
+            tensor changed.
 
     Example:
         >>> import torch, torch.nn as nn, torchfreeze as tfz

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
+from .._compat import disabled_torch_function, make_wrapper_subclass, pytree
 from ..errors import CacheError
 
 __all__ = [
@@ -246,8 +246,7 @@ class Placeholder(torch.Tensor):
     def __new__(cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
                 clock: Clock, source: str, stride: tuple[int, ...] | None = None
                 ) -> Placeholder:
-        t = torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
-            cls, shape, stride, dtype=dtype, device=device, requires_grad=False)
+        t = make_wrapper_subclass(cls, shape, stride, dtype=dtype, device=device)
         t._clock = clock
         t._tick = clock.tick
         t._source = source
@@ -260,7 +259,7 @@ class Placeholder(torch.Tensor):
         return (f"Placeholder(shape={tuple(self.shape)}, dtype={self.dtype}, "
                 f"output of {self._source!r}, skipped by a FeatureCache)")
 
-    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+    __torch_function__ = disabled_torch_function
 
     @classmethod
     def __torch_dispatch__(  # type: ignore[override]
