@@ -300,7 +300,8 @@ def prepare_new_group(
 
     def scale(key: str, value: Any) -> Any:
         # an absolute lr is kept exact wherever the first group holds its base
-        if lr is not None and (factor is None or float(value) == base0_f):
+        # (factor is None only with an absolute lr and a first group at lr 0)
+        if factor is None or (lr is not None and float(value) == base0_f):
             return lr
         return _mul(value, factor)
 

@@ -79,4 +79,7 @@ class Report:
         return render_text(self._rich())
 
     def to_dict(self) -> dict[str, Any]:
-        return to_plain(self)
+        plain = to_plain(self)
+        if not isinstance(plain, dict):  # pragma: no cover - every Report is a dataclass
+            raise TypeError(f"{type(self).__name__} is not a dataclass; it cannot be a Report")
+        return plain

@@ -57,7 +57,7 @@ flip makes the next backward fail: FSDP2 fixed that unit's dtypes then).
 from __future__ import annotations
 
 import warnings
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import torch
 import torch.distributed as dist
@@ -380,6 +380,20 @@ def _prepare(model: Any, fn: str, selectors: tuple[Any, ...], exclude: Any) -> t
     return kind, module, selectors, exclude, kwargs, group
 
 
+@overload
+def unfreeze(
+    model: DistributedDataParallel,
+    *selectors: Selector,
+    exclude: Selector | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr: float | None = None,
+    lr_mult: float | None = None,
+    scheduler: Any = None,
+    group_name: str | None = None,
+) -> DistributedDataParallel: ...
+
+
+@overload
 def unfreeze(
     model: _Wrapped,
     *selectors: Selector,
@@ -389,7 +403,19 @@ def unfreeze(
     lr_mult: float | None = None,
     scheduler: Any = None,
     group_name: str | None = None,
-) -> _Wrapped:
+) -> _Wrapped: ...
+
+
+def unfreeze(
+    model: nn.Module,
+    *selectors: Selector,
+    exclude: Selector | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr: float | None = None,
+    lr_mult: float | None = None,
+    scheduler: Any = None,
+    group_name: str | None = None,
+) -> nn.Module:
     """Unfreeze parameters of a DDP (or FSDP2) model without desynchronising ranks.
 
     Collective: every rank must call it, with the same arguments, between
@@ -445,7 +471,7 @@ def unfreeze(
         >>> dist.barrier()  # no rank tears gloo down while another still uses it
         >>> dist.destroy_process_group()
     """
-    kind, module, selectors, exclude, kwargs, group = _prepare(model, "unfreeze", selectors,
+    _, module, selectors, exclude, kwargs, group = _prepare(model, "unfreeze", selectors,
                                                               exclude)
     error: Exception | None = None
     plan: Any = None
@@ -480,7 +506,7 @@ def unfreeze(
 
     snapshot = _capture(module)
     _unfreeze_module(module, *selectors, exclude=exclude)
-    if kind == "ddp":
+    if isinstance(model, DistributedDataParallel):  # _prepare: kind == "ddp"
         model = _rewrap(model, kwargs, snapshot)
     else:
         _refresh_fsdp(module)
@@ -489,12 +515,30 @@ def unfreeze(
     return model
 
 
+@overload
+def freeze(
+    model: DistributedDataParallel,
+    *selectors: Selector,
+    bn: BNPolicy = "eval",
+    exclude: Selector | None = None,
+) -> DistributedDataParallel: ...
+
+
+@overload
 def freeze(
     model: _Wrapped,
     *selectors: Selector,
     bn: BNPolicy = "eval",
     exclude: Selector | None = None,
-) -> _Wrapped:
+) -> _Wrapped: ...
+
+
+def freeze(
+    model: nn.Module,
+    *selectors: Selector,
+    bn: BNPolicy = "eval",
+    exclude: Selector | None = None,
+) -> nn.Module:
     """Freeze parameters of a DDP (or FSDP2) model without desynchronising ranks.
 
     Collective, like :func:`unfreeze`; the freezing itself is
@@ -557,6 +601,6 @@ def freeze(
 
     snapshot = _capture(module)
     _freeze_module(module, *selectors, bn=bn, exclude=exclude)
-    if kind == "ddp":
+    if isinstance(model, DistributedDataParallel):  # _prepare: kind == "ddp"
         return _rewrap(model, kwargs, snapshot)
     return model

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ._compat import BatchNormBase, InstanceNormBase
+from ._compat import BatchNormBase, InstanceNormBase, NormBase
 from .errors import SelectionError, TorchfreezeError
 from .select import Selector, require_module, resolve
 
@@ -105,6 +105,18 @@ def set_bn_policy(module: nn.Module, policy: str | None, *, training: bool) -> N
         type(module).train(module, training)
 
 
+def _tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """``module.<name>`` as a tensor (BN layers register weight/bias/statistics at
+    run time, so their type is not declared)."""
+    value = getattr(module, name, None)
+    if not isinstance(value, torch.Tensor):
+        raise TorchfreezeError(
+            f"{type(module).__name__}.{name} is {type(value).__name__}, expected a tensor: "
+            "this BatchNorm layer cannot be converted (nothing was changed)."
+        )
+    return value
+
+
 class FrozenBatchNorm(nn.Module):
     """BatchNorm with fixed statistics and affine transform (any dimensionality).
 
@@ -124,6 +136,9 @@ class FrozenBatchNorm(nn.Module):
 
     weight: torch.Tensor | None
     bias: torch.Tensor | None
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    num_batches_tracked: torch.Tensor
 
     def __init__(
         self,
@@ -157,8 +172,13 @@ class FrozenBatchNorm(nn.Module):
 
     @classmethod
     def from_batchnorm(cls, bn: nn.Module) -> FrozenBatchNorm:
-        """A FrozenBatchNorm with ``bn``'s statistics, affine values, eps and momentum."""
-        if not is_batchnorm(bn) or isinstance(bn, FrozenBatchNorm) or bn.running_mean is None:
+        """A FrozenBatchNorm with ``bn``'s statistics, affine values, eps and momentum.
+
+        Raises:
+            TorchfreezeError: ``bn`` is not a BatchNorm/SyncBatchNorm/InstanceNorm
+                layer that tracks running statistics.
+        """
+        if not isinstance(bn, NormBase) or not is_batchnorm(bn) or bn.running_mean is None:
             raise TorchfreezeError(
                 f"cannot freeze {type(bn).__name__}: only BatchNorm/SyncBatchNorm/InstanceNorm "
                 "layers that track running statistics have statistics to freeze."
@@ -174,12 +194,12 @@ class FrozenBatchNorm(nn.Module):
             dtype=ref.dtype,
         )
         with torch.no_grad():
-            if bn.affine:
-                out.weight.copy_(bn.weight.detach())
-                out.bias.copy_(bn.bias.detach())
-            out.running_mean.copy_(bn.running_mean)
-            out.running_var.copy_(bn.running_var)
-            if getattr(bn, "num_batches_tracked", None) is not None:
+            if out.weight is not None and out.bias is not None:
+                out.weight.copy_(_tensor(bn, "weight").detach())
+                out.bias.copy_(_tensor(bn, "bias").detach())
+            out.running_mean.copy_(ref)
+            out.running_var.copy_(_tensor(bn, "running_var"))
+            if bn.num_batches_tracked is not None:
                 out.num_batches_tracked.copy_(bn.num_batches_tracked)
         out.train(bn.training)
         return out
@@ -196,12 +216,12 @@ class FrozenBatchNorm(nn.Module):
             dtype=self.running_mean.dtype,
         )
         with torch.no_grad():
-            if self.affine:
-                bn.weight.copy_(self.weight)
-                bn.bias.copy_(self.bias)
-            bn.running_mean.copy_(self.running_mean)
-            bn.running_var.copy_(self.running_var)
-            bn.num_batches_tracked.copy_(self.num_batches_tracked)
+            if self.weight is not None and self.bias is not None:
+                _tensor(bn, "weight").copy_(self.weight)
+                _tensor(bn, "bias").copy_(self.bias)
+            _tensor(bn, "running_mean").copy_(self.running_mean)
+            _tensor(bn, "running_var").copy_(self.running_var)
+            _tensor(bn, "num_batches_tracked").copy_(self.num_batches_tracked)
         for p in bn.parameters():
             p.requires_grad_(False)
         return bn
@@ -209,14 +229,21 @@ class FrozenBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = (self.running_var + self.eps).rsqrt()
         shift = -self.running_mean * scale
-        if self.weight is not None:
+        if self.weight is not None and self.bias is not None:
             scale = scale * self.weight
             shift = shift * self.weight + self.bias
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
 
     def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        errors: list[str],
     ) -> None:
         # checkpoints of BN layers from before PyTorch 0.4.1 have no num_batches_tracked
         key = prefix + "num_batches_tracked"
@@ -233,7 +260,9 @@ class FrozenBatchNorm(nn.Module):
         )
 
 
-def _bn_modules(model: nn.Module, selectors: tuple[Selector, ...], want: type | None):
+def _bn_modules(
+    model: nn.Module, selectors: tuple[Selector, ...], want: type | None
+) -> list[tuple[str, nn.Module]]:
     sel = resolve(model, selectors, allow_empty=False)
     picked = [
         (name, m)
@@ -303,7 +332,8 @@ def revert_frozen_batchnorm(model: nn.Module, *selectors: Selector) -> list[str]
     """
     require_module(model, "revert_frozen_batchnorm")
     picked = _bn_modules(model, selectors, FrozenBatchNorm)
-    new = [(name, m, m.to_batchnorm()) for name, m in picked]
+    new = [(name, m, m.to_batchnorm()) for name, m in picked
+           if isinstance(m, FrozenBatchNorm)]
     for _, old, bn in new:
         set_bn_policy(bn, "eval", training=False)
         _replace(model, old, bn)

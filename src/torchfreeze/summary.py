@@ -128,7 +128,9 @@ def summary(
     if depth is None:
         from .layers import layers
 
-        buckets = [(g.name, g.kind, list(g.param_names)) for g in layers(model)]
+        buckets: list[tuple[str, str, list[str]]] = [
+            (g.name, g.kind, list(g.param_names)) for g in layers(model)
+        ]
     else:
         order: dict[str, list[str]] = {}
         for name in idx.params:
