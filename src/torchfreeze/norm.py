@@ -305,6 +305,13 @@ def convert_frozen_batchnorm(model: nn.Module, *selectors: Selector) -> list[str
     Returns:
         The names of the converted layers.
 
+    Raises:
+        ModelTypeError: ``model`` is not an ``nn.Module``.
+        SelectionError: a selector matches nothing, or the selection holds no
+            BatchNorm layer with running statistics (nothing is changed).
+        TorchfreezeError: ``model`` itself is the BN layer (use
+            :meth:`FrozenBatchNorm.from_batchnorm`).
+
     Example:
         >>> import torch.nn as nn, torchfreeze as tfz
         >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU())
@@ -329,6 +336,21 @@ def revert_frozen_batchnorm(model: nn.Module, *selectors: Selector) -> list[str]
 
     Returns:
         The names of the reverted layers.
+
+    Raises:
+        ModelTypeError: ``model`` is not an ``nn.Module``.
+        SelectionError: a selector matches nothing, or the selection holds no
+            FrozenBatchNorm (nothing is changed).
+
+    Example:
+        >>> import torch.nn as nn, torchfreeze as tfz
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU())
+        >>> tfz.convert_frozen_batchnorm(net)
+        ['1']
+        >>> tfz.revert_frozen_batchnorm(net)
+        ['1']
+        >>> type(net[1]).__name__, net[1].weight.requires_grad, net[1].training
+        ('BatchNorm2d', False, False)
     """
     require_module(model, "revert_frozen_batchnorm")
     picked = _bn_modules(model, selectors, FrozenBatchNorm)
