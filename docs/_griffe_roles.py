@@ -10,7 +10,7 @@ rewrites each one after the package is loaded:
   --strict`` fails, which is the point: a renamed or removed name breaks the build;
 * a name that resolves nowhere in torchfreeze and is not from torch, Python or
   another library stays a cross-reference too, so it fails the build the same way;
-* torch/Python/third-party names and private helpers become plain code.
+* torch/Python/third-party names, modules and private helpers become plain code.
 
 It also reads our ``Example:`` sections as Google-style ``Examples:``, so their
 doctests render as code blocks (griffe treats the singular as a prose admonition).
@@ -84,6 +84,8 @@ class SphinxRoles(griffe.Extension):
             return f"`{shown}`"  # imported from outside the package (torch, ...)
         if not path.startswith(pkg.name + ".") and path != pkg.name:
             return f"`{shown}`"
+        if found.is_module:
+            return f"`{shown}`"  # modules are pages' subjects, not rendered objects
         if any(part.startswith("_") and not part.startswith("__")
                for part in path.split(".")):
             return f"`{shown}`"  # a private helper: not in the reference

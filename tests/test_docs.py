@@ -16,7 +16,7 @@ import pytest
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "api"
 # modules whose __all__ is public API (the package re-exports most of it)
 PUBLIC_MODULES = ("torchfreeze", "torchfreeze.distributed", "torchfreeze.errors",
-                  "torchfreeze.cli")
+                  "torchfreeze.cli", "torchfreeze.diff")
 EXTRA = ("torchfreeze.integrations.lightning.FreezeCallback",
          "torchfreeze.integrations.transformers.FreezeCallback")
 
