@@ -13,7 +13,8 @@ rewrites each one after the package is loaded:
 * torch/Python/third-party names, modules and private helpers become plain code.
 
 It also reads our ``Example:`` sections as Google-style ``Examples:``, so their
-doctests render as code blocks (griffe treats the singular as a prose admonition).
+doctests render as code blocks (griffe treats the singular as a prose admonition),
+and splits a grouped entry ``a, b, c: as in X`` into one entry per name.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import griffe
 _ROLE = re.compile(r":(?:py:)?(class|func|meth|attr|exc|mod|data|obj|const):`(~?)([^`<>]+)`")
 # roots that are not ours: render as code (no inventory of their docs is loaded offline)
 _EXAMPLE = re.compile(r"^(\s*)Example:[ \t]*$", re.M)
+_GROUPED = re.compile(r"^(    )(\w+(?:, \w+)+): (.*)$", re.M)
 _FOREIGN = ("torch", "lightning", "transformers", "safetensors", "numpy", "rich", "typing",
             "collections", "os", "pathlib", "warnings", "contextlib", "dataclasses", "abc")
 
@@ -57,6 +59,9 @@ class SphinxRoles(griffe.Extension):
         seen.add(obj.path)
         if obj.docstring is not None:
             text = _EXAMPLE.sub(r"\1Examples:", obj.docstring.value)
+            text = _GROUPED.sub(
+                lambda m: "\n".join(f"{m.group(1)}{n}: {m.group(3)}"
+                                    for n in m.group(2).split(", ")), text)
             obj.docstring.value = _ROLE.sub(lambda m: self._link(m, obj, pkg), text)
         for member in obj.members.values():
             if not member.is_alias:

@@ -349,8 +349,7 @@ def diff_checkpoints(
             bit-identical.
         depth: group by the first ``depth`` dotted levels of the module path;
             default: each tensor's own module.
-        before_name: how ``before`` is named in the report.
-        after_name: how ``after`` is named in the report.
+        before_name, after_name: how the two are named in the report.
         align: rename AFTER's keys onto BEFORE's with ``load_pretrained``'s
             prefix rule when that makes more keys match (a base model's
             checkpoint against a task model's, a Lightning ``model.`` prefix,
