@@ -56,3 +56,14 @@ def test_public_name_is_in_the_reference(module: str, name: str) -> None:
         f"'::: {module}.{name}' to the right page in docs/api/"
     )
 
+
+
+def test_every_readme_section_links_to_the_reference() -> None:
+    readme = (DOCS.parents[1] / "README.md").read_text()
+    sections = re.findall(r"<!-- section:(\w+) -->(.*?)<!-- /section:\1 -->", readme, flags=re.S)
+    assert len(sections) >= 8
+    for name, body in sections:
+        links = re.findall(r"\]\((docs/api/[\w/]+\.md)\)", body)
+        assert links, f"README section {name!r} has no 'API reference: [...](docs/api/...)' link"
+        for link in links:
+            assert (DOCS.parents[1] / link).is_file(), f"README section {name!r}: {link} missing"
