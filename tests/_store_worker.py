@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+import torchfreeze as tfz
 from torchfreeze.cache.store import SlabStore
 
 SHAPE = (64, 1024)  # 256 KiB float32 rows: a kill lands inside a row write most of the time
@@ -83,10 +84,33 @@ def race(path: str, parity: int, total: int) -> None:
     store.close()
 
 
+def replay(path: str, folder: str) -> None:
+    """Open a FeatureCache(path=) on the saved model, replay every sample, report calls."""
+    import json
+
+    from tests.test_cache_store import UPTO, bert, count_prefix_rows, data
+
+    model = bert()
+    model.load_state_dict(torch.load(f"{folder}/model.pt"))
+    x, ids = data()
+    computed = count_prefix_rows(model)
+    cache = tfz.FeatureCache(model, upto=UPTO, path=path)
+    order = torch.randperm(len(ids))
+    logits = torch.empty(len(ids), 3)
+    for batch in order.split(8):
+        with cache.keys(ids[batch]):
+            logits[batch] = model(x[batch]).logits.detach()
+    same = torch.equal(logits, torch.load(f"{folder}/logits.pt"))
+    print(json.dumps({"prefix_rows": computed[0], "hits": cache.hits, "misses": cache.misses,
+                      "same": same, "line": str(cache)}))
+
+
 if __name__ == "__main__":
     command, path, *rest = sys.argv[1:]
     if command == "fill":
         fill_forever(path, int(rest[0]) if rest and rest[0] else 0)
+    elif command == "replay":
+        replay(path, rest[0])
     elif command == "race":
         race(path, int(rest[0]), int(rest[1]))
     else:

@@ -15,8 +15,12 @@ The package is split by concern:
 * ``_hook``: forward patches (instance attributes; copies and pickles of the
   model get the plain forward), prefix discovery for ``upto=``, placeholders
   and the cut proof;
-* ``_storage``: the :class:`Storage` seam (one per namespace), the vectorised
-  id index and today's slab storage (RAM, then memory-mapped files);
+* ``_storage``: the :class:`Storage` seam (one per namespace) and the byte
+  budget the namespaces of a cache share;
+* ``store`` (:class:`~torchfreeze.cache.store.SlabStore`), ``index``, ``slabs``,
+  ``persist``: the feature store behind the seam: one dense slab per output
+  tensor in RAM or in files, a tensor id index, and the ``path=`` directory
+  that persists, is shared by the processes of a node and survives a killed writer;
 * ``_feature_cache``: the public :class:`FeatureCache` (keys(), namespaces,
   refusals, invalidation, validation).
 

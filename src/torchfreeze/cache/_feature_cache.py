@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import operator
 import os
+import shutil
 import warnings
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -30,7 +33,16 @@ from ._hook import (
     unflatten_output,
     uninstall,
 )
-from ._storage import STORAGE_MODES, IdBatch, SlabStorage, Storage, StorageBudget, StorageMode
+from ._storage import STORAGE_MODES, IdBatch, Storage, StorageBudget, StorageMode
+from .persist import (
+    StoreMeta,
+    fingerprint,
+    load_structure,
+    open_meta,
+    read_meta,
+    save_structure,
+)
+from .store import SlabStore
 
 _DROPOUT = (
     nn.Dropout,
@@ -72,13 +84,18 @@ class _Registrations:
 _registrations = _Registrations  # (call of the boundary inside one keys() block, autocast state)
 
 
+class _StopAtBoundary(Exception):
+    """fill(): the boundary's rows are stored, the rest of the forward is not needed."""
+
+
 class _Namespace:
     """Entries of one (call index, autocast state): stored rows + how to rebuild outputs."""
 
-    __slots__ = ("hashes", "key", "prefix_specs", "shapes", "spec", "storage")
+    __slots__ = ("hashes", "key", "prefix_specs", "saved", "shapes", "spec", "storage")
 
     def __init__(self, key: _Key, prefix_known_empty: bool) -> None:
         self.key = key
+        self.saved = False  # path=: its structure.pt is written
         self.storage: Storage | None = None
         self.spec: OutputSpec | None = None
         # id(prefix module) -> output structure per call, recorded on a computed pass;
@@ -164,6 +181,50 @@ class _Keys:
         cache._clock.tick += 1  # placeholders of this block are dead from here on
         if state.discovery is not None:
             state.discovery.remove()
+
+
+def _fmt(n: int) -> str:
+    for div, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+@contextlib.contextmanager
+def _progress(loader: Iterable[Any], *, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A rich bar over samples (rate, ETA), or a no-op."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        Task,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            return Text(f"{task.speed:,.0f} samples/s" if task.speed else "- samples/s")
+
+    total = None
+    dataset = getattr(loader, "dataset", None)
+    sampler = getattr(loader, "sampler", None)
+    with contextlib.suppress(TypeError):
+        total = len(sampler) if sampler is not None else len(dataset)  # type: ignore[arg-type]
+    columns = (TextColumn("fill"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+               Rate(),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("fill", total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 def _is_batched(value: Any, batch: int) -> bool:
@@ -276,6 +337,22 @@ class FeatureCache:
         pin_eval: keep the prefix in eval mode through every ``model.train()``
             (dropout off in the frozen prefix, the usual choice for feature
             extraction); undone by :meth:`close`.
+        path: a directory that keeps the entries across runs and processes: one
+            slab file per output tensor, an append-only index and ``meta.json``
+            (boundary, prefix modules, dtype, a content hash of every prefix
+            parameter and buffer, torch version). Re-opening it with the same
+            prefix reuses every entry (the prefix does not run at all); with other
+            weights, another boundary or dtype it is refused, naming what differs.
+            Several processes of one node may use it at once (DDP ranks): each id
+            is computed once, by whichever process meets it first. A process
+            killed while writing never leaves an entry that reads back wrong.
+        overwrite: with ``path``, empty a store made under other settings instead
+            of refusing it.
+        device: where RAM slabs live. ``None`` (default): on the device of the
+            boundary's output (a CUDA model keeps its features in GPU memory,
+            ``max_bytes`` bounds them). ``"cpu"`` for a CUDA model: a host store;
+            replay copies through pinned memory with ``non_blocking=True``. Replayed
+            outputs always go to the device the boundary's output was on.
 
     Attributes:
         hits: samples replayed.
@@ -308,6 +385,9 @@ class FeatureCache:
         directory: str | os.PathLike[str] | None = None,
         validate: bool = False,
         pin_eval: bool = False,
+        path: str | os.PathLike[str] | None = None,
+        overwrite: bool = False,
+        device: torch.device | str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise CacheError(
@@ -324,6 +404,11 @@ class FeatureCache:
             raise CacheError(
                 f"dtype={dtype} is not a floating storage dtype; use torch.float16, "
                 "torch.bfloat16, torch.float32 or None (keep the output dtype)."
+            )
+        if path is not None and storage == "memory":
+            raise CacheError(
+                "path= keeps entries in files, but storage='memory' asks for RAM only; "
+                "drop one of them."
             )
         if upto is None:
             boundary, bname = model, ""
@@ -351,6 +436,11 @@ class FeatureCache:
         self.directory = None if directory is None else os.fspath(directory)
         self.validate = validate
         self.pin_eval = pin_eval
+        self.path = None if path is None else os.fspath(path)
+        self.overwrite = overwrite
+        self.device = None if device is None else torch.device(device)
+        self._path_claimed = False
+        self._filling = False
         # The prefix modules besides the boundary: known (none) for the one-module form,
         # found on the first keys() pass with upto=.
         self._prefix: list[tuple[str, nn.Module]] | None = [] if upto is None else None
@@ -384,6 +474,12 @@ class FeatureCache:
             if upto is not None:
                 for _, m in self._registered_prefix():
                     self._pin(m)
+        if self.path is not None:
+            try:
+                self._open_path()
+            except BaseException:
+                self.close()
+                raise
 
     # ----------------------------------------------------------------- public
     @property
@@ -400,17 +496,19 @@ class FeatureCache:
     @property
     def nbytes(self) -> int:
         """Bytes of stored outputs, RAM and disk together."""
-        return self._budget.memory_nbytes + self._budget.disk_nbytes
+        return self.memory_nbytes + self.disk_nbytes
 
     @property
     def memory_nbytes(self) -> int:
-        """Bytes of stored outputs held in RAM."""
-        return self._budget.memory_nbytes
+        """Bytes of stored outputs held in RAM (or accelerator memory, see ``device``)."""
+        return sum(ns.storage.memory_nbytes for ns in self._namespaces.values()
+                   if ns.storage is not None)
 
     @property
     def disk_nbytes(self) -> int:
-        """Bytes of stored outputs in memory-mapped files."""
-        return self._budget.disk_nbytes
+        """Bytes of stored outputs in files (with ``path``: every process's entries)."""
+        return sum(ns.storage.disk_nbytes for ns in self._namespaces.values()
+                   if ns.storage is not None)
 
     @property
     def closed(self) -> bool:
@@ -426,8 +524,19 @@ class FeatureCache:
     def __repr__(self) -> str:
         what = describe(self._boundary) if self.upto is None else \
             f"{describe(self._root)}, upto={self.upto!r}"
+        where = f"path={self.path!r}" if self.path is not None else f"storage={self.storage!r}"
         return (f"FeatureCache({what}, entries={len(self)}, hits={self.hits}, "
-                f"misses={self.misses}, nbytes={self.nbytes}, storage={self.storage!r})")
+                f"misses={self.misses}, nbytes={self.nbytes}, {where})")
+
+    def __str__(self) -> str:
+        """One line: entries, bytes in RAM and on disk, hit rate, where the store lives."""
+        what = describe(self._boundary) if self.upto is None else f"upto={self.upto!r}"
+        seen = self.hits + self.misses
+        rate = f"{100 * self.hits / seen:.1f}%" if seen else "-"
+        where = f", path={self.path}" if self.path is not None else ""
+        return (f"FeatureCache({what}): {len(self):,} entries, {_fmt(self.memory_nbytes)} RAM + "
+                f"{_fmt(self.disk_nbytes)} disk, {self.hits:,} hits / {self.misses:,} misses "
+                f"({rate} hit rate){where}")
 
     def keys(self, sample_ids: Iterable[Hashable] | torch.Tensor) -> _Keys:
         """Make the prefix replay per sample while the context is active.
@@ -494,19 +603,24 @@ class FeatureCache:
             )
         later = FeatureCache(self._root, upto=upto, max_bytes=self.max_bytes, dtype=self.dtype,
                              storage=self.storage, directory=self.directory,
-                             validate=self.validate, pin_eval=self.pin_eval)
+                             validate=self.validate, pin_eval=self.pin_eval, device=self.device)
         later._feeders = [*self._feeders, self]
         return later
 
     def clear(self) -> None:
-        """Drop every stored output and input hash, delete disk chunks, reset counters."""
-        self._drop_entries()
+        """Drop every stored output and input hash, delete disk chunks, reset counters.
+
+        With ``path`` the store's files are emptied too (for every process: do it
+        when no other process uses the store).
+        """
+        self._drop_entries(wipe=True)
         self.hits = 0
         self.misses = 0
         self.invalidations = 0
 
     def close(self) -> None:
-        """Clear, then give every patched module back its own ``forward`` (and train mode)."""
+        """Release the entries (a ``path`` store stays on disk), then give every patched
+        module back its own ``forward`` (and train mode)."""
         self._drop_entries()
         for patch in self._patches:
             uninstall(patch)
@@ -546,13 +660,19 @@ class FeatureCache:
                 assert spec is not None and ns.storage is not None and seg.slots is not None
                 if seg.digests is not None:
                     self._check_digests(state, seg)
+                if self._filling:
+                    self.hits += state.n
+                    raise _StopAtBoundary
                 leaves = ns.storage.read(seg.slots, spec.device)
                 self.hits += state.n
                 if spec.kind == "tensor" and leaves[0].dtype == spec.dtypes[0]:
                     return leaves[0]
                 return unflatten_output(spec, self._as_output(spec, leaves))
             if self._prefix == []:
-                return self._rows_forward(state, seg, patch, args, kwargs)
+                out = self._rows_forward(state, seg, patch, args, kwargs)
+                if self._filling:
+                    raise _StopAtBoundary
+                return out
             out = patch.orig(*args, **kwargs)
             if has_placeholder(out):
                 return out  # an outer cache replays this stretch: nothing real to store
@@ -567,6 +687,8 @@ class FeatureCache:
             if not state.store:
                 return out
             fresh = self._store(ns, spec, state.ids, computed)
+            if self._filling:
+                raise _StopAtBoundary
             return out if self.dtype is None else unflatten_output(spec, fresh)
         finally:
             state.segment = None
@@ -651,7 +773,7 @@ class FeatureCache:
         key = (state.call, autocast)
         ns = self._namespaces.get(key)
         if ns is None:
-            ns = self._namespaces[key] = _Namespace(key, self._prefix == [])
+            ns = self._namespaces[key] = self._new_namespace(key)
         slots = None
         replay = False
         if ns.storage is not None:
@@ -759,17 +881,13 @@ class FeatureCache:
             ns.shapes = [tuple(t.shape[1:]) for t in stored]
         else:
             self._check_shapes(ns, stored)
+        if self.path is not None and not ns.saved:
+            self._save_structure(ns)
         ns.storage.write(ids, stored)
         # Computed rows go out rounded exactly like stored ones, so a result never
         # depends on whether its sample was a hit.
         return [s.to(dtype=t.dtype) if s.dtype != t.dtype else t
                 for s, t in zip(stored, computed)]
-
-    def _new_storage(self, ns: _Namespace, leaves: list[torch.Tensor]) -> Storage:
-        """The one place a Storage is made (CONTRACTS.md 1): from the first batch of leaves
-        of namespace ``ns`` (``ns.key``: call index, autocast state), already in the
-        storage dtype and contiguous."""
-        return SlabStorage(leaves, self._budget)
 
     def _check_shapes(self, ns: _Namespace, stored: list[torch.Tensor]) -> None:
         for i, (shape, t) in enumerate(zip(ns.shapes, stored)):
@@ -786,6 +904,185 @@ class FeatureCache:
 
     def _as_output(self, spec: OutputSpec, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
         return [t if t.dtype == d else t.to(d) for t, d in zip(leaves, spec.dtypes)]
+
+    # ------------------------------------------------------------- the store
+    def _new_namespace(self, key: _Key) -> _Namespace:
+        ns = _Namespace(key, self._prefix == [])
+        if self.path is None or not self._path_claimed:
+            return ns
+        folder = self._ns_dir(key)
+        structure = load_structure(folder)
+        if structure is None:
+            return ns
+        # A store another run (or rank) made: replay from the first batch, no prefix call.
+        by_name = dict(self._prefix or ())
+        ns.spec = dataclasses.replace(structure["spec"], device=self._replay_device())
+        ns.prefix_specs = {id(by_name[name]): specs
+                           for name, specs in structure["prefix_specs"].items()}
+        ns.storage = SlabStore(structure["shapes"], structure["dtypes"], budget=self._budget,
+                               path=folder)
+        ns.shapes = [tuple(shape) for shape in structure["shapes"]]
+        ns.saved = True
+        return ns
+
+    def _ns_dir(self, key: _Key) -> str:
+        assert self.path is not None
+        call, autocast = key
+        name = f"ns-call{call}"
+        if autocast is not None:
+            name += f"-{autocast[0]}-{str(autocast[1]).replace('torch.', '')}"
+        return os.path.join(self.path, name)
+
+    def _new_storage(self, ns: _Namespace, stored: list[torch.Tensor]) -> Storage:
+        """The one place a Storage is made (CONTRACTS.md 1): from the first batch of leaves
+        of namespace ``ns`` (``ns.key``: call index, autocast state), already in the
+        storage dtype and contiguous."""
+        device = self.device if self.device is not None else stored[0].device
+        return SlabStore([tuple(t.shape[1:]) for t in stored], [t.dtype for t in stored],
+                         budget=self._budget, device=device,
+                         path=None if self.path is None else self._ns_dir(ns.key))
+
+    def _save_structure(self, ns: _Namespace) -> None:
+        if ns.prefix_specs is None or ns.spec is None or not self._path_claimed:
+            return
+        names = {id(m): name for name, m in self._prefix or ()}
+        storage = ns.storage
+        assert isinstance(storage, SlabStore)
+        save_structure(self._ns_dir(ns.key), {
+            "spec": ns.spec,
+            "prefix_specs": {names[k]: v for k, v in ns.prefix_specs.items()},
+            "shapes": storage.shapes,
+            "dtypes": storage.dtypes,
+        })
+        ns.saved = True
+
+    def _replay_device(self) -> torch.device:
+        for module in (self._boundary, *(m for _, m in self._prefix or ())):
+            for t in (*module.parameters(), *module.buffers()):
+                return t.device
+        return torch.device("cpu")
+
+    def _meta_for(self, prefix: list[tuple[str, nn.Module]]) -> StoreMeta:
+        weights: dict[str, str] = {}
+        for name, module in [*prefix, (self._boundary_name, self._boundary)]:
+            for tname, digest in fingerprint(module).items():
+                weights[f"{name}.{tname}" if name else tname] = digest
+        return StoreMeta(boundary=self._boundary_name or describe(self._boundary),
+                         dtype=str(self.dtype), weights=weights,
+                         prefix=[name for name, _ in prefix])
+
+    def _open_path(self) -> None:
+        """Check a ``path=`` store against this model now when its prefix is known."""
+        assert self.path is not None
+        if self.upto is None:
+            self._claim_path()
+            return
+        try:
+            meta = read_meta(self.path)
+        except CacheError:
+            if not self.overwrite:
+                raise
+            meta = None
+        if meta is None:
+            return  # a new store: meta.json is written once discovery found the prefix
+        prefix = []
+        for name in meta.prefix:
+            try:
+                prefix.append((name, self._root.get_submodule(name)))
+            except AttributeError:
+                if self.overwrite:
+                    return  # emptied once discovery found this model's prefix
+                raise CacheError(
+                    f"The feature store at {self.path} was computed with prefix module "
+                    f"{name!r}, which this {describe(self._root)} does not have, so its "
+                    "entries would be stale. Pass overwrite=True to empty it and start "
+                    "fresh, or use another path= for this model."
+                ) from None
+        self._adopt_prefix(prefix)
+        self._claim_path()
+
+    def _claim_path(self) -> None:
+        assert self.path is not None
+        open_meta(self.path, self._meta_for(self._prefix or []), overwrite=self.overwrite)
+        self._path_claimed = True
+
+    def _adopt_prefix(self, prefix: list[tuple[str, nn.Module]]) -> None:
+        """The prefix recorded with a store: no discovery pass, so no prefix call at all."""
+        for name, m in prefix:
+            self._check_frozen(m, name)
+            if self.pin_eval:
+                self._pin(m)
+            else:
+                self._check_deterministic(m, name)
+        self._prefix = prefix
+        self._watch = [m for _, m in prefix] + [self._boundary]
+        self._patches.extend(install(m, self._on_prefix, self) for _, m in prefix)
+        self._fingerprint = self._take_fingerprint()
+        self._rebuild_watch()
+
+    def _written(self) -> int:
+        return sum(getattr(ns.storage, "written", 0) for ns in self._namespaces.values())
+
+    def fill(
+        self,
+        loader: Iterable[Any],
+        forward: Callable[[Any], Any],
+        ids: Callable[[Any], Any],
+        *,
+        progress: bool = True,
+    ) -> int:
+        """Precompute the entries of every sample of ``loader`` (a pass before training).
+
+        Each batch runs under ``torch.inference_mode`` and only up to the boundary:
+        once its rows are stored (or found stored) the rest of the forward is
+        skipped. Under ``torch.distributed`` with a ``DistributedSampler`` each rank
+        fills its shard, then waits for the others (a barrier); with ``path=`` every
+        rank then replays every entry. The first call of the boundary per batch is
+        filled (a model calling it twice gets its second calls' entries in training).
+
+        Args:
+            loader: batches (a ``DataLoader``; workers are fine).
+            forward: ``forward(batch)`` runs the model on a batch.
+            ids: ``ids(batch)`` gives the batch's sample ids.
+            progress: show a ``rich`` progress bar (samples, rate, ETA) on rank 0.
+
+        Returns:
+            The number of entries this process wrote.
+
+        Example:
+            >>> import torch, torch.nn as nn, torchfreeze as tfz
+            >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+            >>> _ = tfz.freeze(model, "0")
+            >>> cache = tfz.FeatureCache(model, upto="0")
+            >>> data = torch.utils.data.TensorDataset(torch.randn(10, 4), torch.arange(10))
+            >>> loader = torch.utils.data.DataLoader(data, batch_size=4)
+            >>> cache.fill(loader, lambda b: model(b[0]), lambda b: b[1], progress=False)
+            10
+            >>> with cache.keys(torch.arange(4)):
+            ...     _ = model(data.tensors[0][:4])
+            >>> cache.hits, cache.misses
+            (4, 10)
+        """
+        if self._closed:
+            raise CacheError("fill() on a closed FeatureCache; create a new one.")
+        import torch.distributed as dist
+
+        rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        before = self._written()
+        bar = _progress(loader, enabled=progress and rank0)
+        self._filling = True
+        try:
+            with torch.inference_mode(), bar as (advance):
+                for batch in loader:
+                    batch_ids = ids(batch)
+                    with self.keys(batch_ids), contextlib.suppress(_StopAtBoundary):
+                        forward(batch)
+                    advance(len(batch_ids))
+        finally:
+            self._filling = False
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank's entries are published once everyone is past it
+        return self._written() - before
 
     # ------------------------------------------------------------- discovery
     def _registered_prefix(self) -> list[tuple[str, nn.Module]]:
@@ -827,6 +1124,8 @@ class FeatureCache:
         ns.prefix_specs = {id(m): [PrefixSpec(o, state.n) for o in outs] for _, m, outs in found}
         self._fingerprint = self._take_fingerprint()
         self._rebuild_watch()
+        if self.path is not None:
+            self._claim_path()
 
     def _name_of(self, module: nn.Module) -> str:
         return self._prefix_names.get(id(module)) or describe(module)
@@ -937,6 +1236,13 @@ class FeatureCache:
             return
         changed = sorted(k for k in now.keys() | self._fingerprint.keys()
                          if now.get(k) != self._fingerprint.get(k))
+        if self.path is not None and self._path_claimed:
+            raise CacheError(
+                f"FeatureCache(path={self.path!r}): {changed[0]!r} of the cached prefix changed "
+                f"({len(changed)} tensor(s)), so the stored entries belong to other weights. A "
+                "persistent store keeps one prefix: create the FeatureCache again with another "
+                "path=, or with overwrite=True to empty it."
+            )
         dropped = len(self)
         self._fingerprint = now
         if dropped:
@@ -950,12 +1256,16 @@ class FeatureCache:
                 stacklevel=5,
             )
 
-    def _drop_entries(self) -> None:
+    def _drop_entries(self, *, wipe: bool = False) -> None:
         for ns in self._namespaces.values():
             if ns.storage is not None:
                 ns.storage.close()
         self._namespaces = {}
         self._budget.clear()
+        if wipe and self.path is not None and os.path.isdir(self.path):
+            for name in os.listdir(self.path):
+                if name.startswith("ns-"):
+                    shutil.rmtree(os.path.join(self.path, name), ignore_errors=True)
 
     def _normalize_ids(self, sample_ids: Any) -> tuple[IdBatch, int]:
         if isinstance(sample_ids, torch.Tensor):

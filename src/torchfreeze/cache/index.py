@@ -19,6 +19,9 @@ __all__ = ["IdBatch", "IdIndex"]
 
 IdBatch = torch.Tensor | list[Hashable]
 
+# Tables made or grown inside inference_mode (fill()) would be inference tensors that
+# later updates outside it may not modify.
+_normal_tensors = torch.inference_mode(False)
 _MIN_TABLE = 1 << 16  # ids below this always go through the table
 _SPREAD = 4  # the table may hold up to this many slots per entry (plus _MIN_TABLE)
 
@@ -39,6 +42,7 @@ class IdIndex:
         ([1, -1, 0], [2, 0])
     """
 
+    @_normal_tensors
     def __init__(self) -> None:
         self._table = torch.full((0,), -1, dtype=torch.long)
         self._other: dict[Hashable, int] = {}
@@ -47,6 +51,7 @@ class IdIndex:
     def __len__(self) -> int:
         return self._count
 
+    @_normal_tensors
     def clear(self) -> None:
         self._table = torch.full((0,), -1, dtype=torch.long)
         self._other.clear()
@@ -68,10 +73,11 @@ class IdIndex:
 
     def _lookup_tensor(self, ids: torch.Tensor) -> torch.Tensor:
         size = self._table.numel()
-        if ids.numel() and size:
-            low, high = torch.aminmax(ids)
-            if int(low) >= 0 and int(high) < size:  # the usual batch: one gather
+        if not self._other:
+            try:  # the usual batch: one gather, which bounds-checks (else the path below)
                 return self._table.index_select(0, ids)
+            except (IndexError, RuntimeError):
+                pass
         inside = (ids >= 0) & (ids < size)
         slots = self._table[ids.clamp(0, max(size - 1, 0))] if size else torch.full_like(ids, -1)
         slots = torch.where(inside, slots, -1)
@@ -82,6 +88,7 @@ class IdIndex:
         return slots
 
     # ----------------------------------------------------------------- insert
+    @_normal_tensors
     def insert(self, ids: IdBatch, slots: torch.Tensor) -> None:
         """Record ``slots[i]`` as the slot of ``ids[i]`` (ids not already present, unique)."""
         if isinstance(ids, torch.Tensor):

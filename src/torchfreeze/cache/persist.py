@@ -38,7 +38,8 @@ from torch import nn
 from ..errors import CacheError
 from .index import IdBatch, IdIndex
 
-__all__ = ["SharedLog", "StoreMeta", "fingerprint", "key_of", "open_meta"]
+__all__ = ["SharedLog", "StoreMeta", "fingerprint", "key_of", "load_structure", "open_meta",
+           "read_meta", "save_structure"]
 
 _RECORD = 16
 _VALID = 1 << 30  # set in every check, so a zero-filled record never passes
@@ -284,6 +285,7 @@ class StoreMeta:
     boundary: str
     dtype: str
     weights: dict[str, str]
+    prefix: list[str] = field(default_factory=list)
     torch: str = field(default_factory=lambda: torch.__version__)
     format: int = 1
 
@@ -299,6 +301,8 @@ class StoreMeta:
             found.append(f"boundary {self.boundary!r} (now {other.boundary!r})")
         if self.dtype != other.dtype:
             found.append(f"dtype {self.dtype} (now {other.dtype})")
+        if self.prefix != other.prefix:
+            found.append(f"prefix modules {self.prefix} (now {other.prefix})")
         changed = sorted(n for n in self.weights.keys() | other.weights.keys()
                          if self.weights.get(n) != other.weights.get(n))
         if changed:
@@ -308,6 +312,39 @@ class StoreMeta:
         if self.torch != other.torch:
             found.append(f"torch {self.torch} (now {other.torch})")
         return found
+
+
+def read_meta(directory: str) -> StoreMeta | None:
+    """The ``meta.json`` of a store directory, None when there is none yet."""
+    path = os.path.join(directory, "meta.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as fh:
+            return StoreMeta(**json.load(fh))
+    except (ValueError, TypeError) as exc:
+        raise CacheError(
+            f"{path} is not a torchfreeze store description ({exc}). Pass overwrite=True to "
+            "start a fresh store there, or choose another path."
+        ) from exc
+
+
+def save_structure(directory: str, structure: dict[str, Any]) -> None:
+    """Write what replay needs besides the rows (output structure, prefix placeholders)."""
+    target = os.path.join(directory, "structure.pt")
+    if os.path.exists(target):
+        return
+    tmp = f"{target}.tmp{os.getpid()}"
+    torch.save(structure, tmp)
+    os.replace(tmp, target)  # whole or absent, also when two ranks write it at once
+
+
+def load_structure(directory: str) -> dict[str, Any] | None:
+    target = os.path.join(directory, "structure.pt")
+    if not os.path.exists(target):
+        return None
+    # Our own file (output classes, pytree specs): not a tensor-only checkpoint.
+    return torch.load(target, weights_only=False)  # type: ignore[no-any-return]
 
 
 def open_meta(directory: str, meta: StoreMeta, *, overwrite: bool = False) -> bool:
@@ -321,17 +358,12 @@ def open_meta(directory: str, meta: StoreMeta, *, overwrite: bool = False) -> bo
     lock = os.open(os.path.join(directory, "meta.lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two ranks opening at once agree on one meta.json
-        existing = None
-        if os.path.exists(path):
-            try:
-                with open(path) as fh:
-                    existing = StoreMeta(**json.load(fh))
-            except (ValueError, TypeError) as exc:
-                if not overwrite:
-                    raise CacheError(
-                        f"{path} is not a torchfreeze store description ({exc}). Pass "
-                        "overwrite=True to start a fresh store there, or choose another path."
-                    ) from exc
+        try:
+            existing = read_meta(directory)
+        except CacheError:
+            if not overwrite:
+                raise
+            existing = None
         if existing is not None:
             diff = existing.differences(meta)
             if not diff:
@@ -352,13 +384,27 @@ def open_meta(directory: str, meta: StoreMeta, *, overwrite: bool = False) -> bo
         os.close(lock)
 
 
+_OURS = ("meta.json", "meta.lock")
+
+
+def _ours(name: str) -> bool:
+    return name in _OURS or name.startswith(("ns-", "meta.json.tmp"))
+
+
 def _empty(directory: str) -> None:
     import shutil
 
+    foreign = sorted(n for n in os.listdir(directory) if not _ours(n))
+    if foreign:
+        raise CacheError(
+            f"path={directory!r} holds files that are not a torchfreeze store "
+            f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); nothing was "
+            "deleted. Point path= at an empty or new folder."
+        )
     for name in os.listdir(directory):
-        if name in ("meta.lock",):
-            continue
         full = os.path.join(directory, name)
+        if name == "meta.lock":
+            continue
         if os.path.isdir(full):
             shutil.rmtree(full)
         else:

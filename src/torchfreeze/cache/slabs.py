@@ -26,6 +26,9 @@ from ..errors import CacheError
 __all__ = ["DiskSlab", "MemorySlab", "row_nbytes"]
 
 _MIN_ROWS = 64
+# Slabs made or grown inside inference_mode (fill()) would be inference tensors that
+# later writes outside it may not modify.
+_normal_tensors = torch.inference_mode(False)
 
 
 def row_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
@@ -64,6 +67,7 @@ class MemorySlab:
         [[3.0, 4.0], [1.0, 2.0], [3.0, 4.0]]
     """
 
+    @_normal_tensors
     def __init__(self, shape: Sequence[int], dtype: torch.dtype, *,
                  device: torch.device | str = "cpu", max_rows: int | None = None) -> None:
         self.shape = tuple(int(d) for d in shape)
@@ -77,13 +81,19 @@ class MemorySlab:
     def capacity(self) -> int:
         return int(self.data.shape[0])
 
-    def reserve(self, rows: int) -> None:
-        """Make room for slots ``[0, rows)``: geometric growth, so n writes copy O(n) rows."""
+    @_normal_tensors
+    def reserve(self, rows: int, cap: int | None = None) -> None:
+        """Make room for slots ``[0, rows)``: geometric growth, so n writes copy O(n) rows.
+
+        ``cap`` (and ``max_rows``) bound the growth: a slab never holds more rows
+        than its byte budget allows.
+        """
         if rows <= self.capacity:
             return
         new = max(rows, 2 * self.capacity, _MIN_ROWS)
-        if self.max_rows is not None:
-            new = min(new, self.max_rows)
+        for bound in (self.max_rows, cap):
+            if bound is not None:
+                new = min(new, bound)
         if new < rows:
             raise CacheError(f"internal: slab of {self.max_rows} rows asked for {rows}")
         data = torch.empty((new, *self.shape), dtype=self.dtype, device=self.device)
@@ -91,9 +101,10 @@ class MemorySlab:
         self.data = data
         self.growths += 1
 
-    def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    @_normal_tensors
+    def write(self, slots: torch.Tensor, rows: torch.Tensor, cap: int | None = None) -> None:
         if slots.numel():
-            self.reserve(int(slots.max()) + 1)
+            self.reserve(int(slots.max()) + 1, cap)
             self.data.index_copy_(0, slots.to(self.device),
                                   rows.detach().to(self.device, self.dtype))
 
@@ -104,6 +115,7 @@ class MemorySlab:
         rows = self.data.index_select(0, index)
         return rows if out is None else out.copy_(rows)
 
+    @_normal_tensors
     def clear(self) -> None:
         self.data = torch.empty((0, *self.shape), dtype=self.dtype, device=self.device)
 

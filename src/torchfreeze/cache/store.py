@@ -18,24 +18,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
-import weakref
 from collections.abc import Hashable, Sequence
-from typing import Literal
 
 import torch
 
 from ..errors import CacheError
-from .index import IdBatch, IdIndex
+from ._storage import STORAGE_MODES, IdBatch, StorageBudget, StorageMode
+from .index import IdIndex
 from .persist import SharedLog
 from .slabs import DiskSlab, MemorySlab, row_nbytes
 
-__all__ = ["SlabStore", "StorageKind"]
+__all__ = ["SlabStore"]
 
-StorageKind = Literal["auto", "memory", "disk"]
-_KINDS = ("auto", "memory", "disk")
-_NEVER = 1 << 62  # slot base of the disk tier when there is none
+_DISK = 1 << 40  # slots from here on are rows of the disk slabs (slot - _DISK)
 
 
 def _first_missing(ids: IdBatch, slots: torch.Tensor) -> torch.Tensor:
@@ -65,10 +61,6 @@ def _pick(ids: IdBatch, pos: torch.Tensor) -> IdBatch:
     return [ids[p] for p in pos.tolist()]
 
 
-def _remove_dir(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
 class SlabStore:
     """Dense per-sample storage of the outputs of one cached call (one namespace).
 
@@ -81,7 +73,10 @@ class SlabStore:
         max_bytes: byte budget of the tier named above; ``None``: no bound.
         device: where RAM slabs live (the model's device keeps replay on it).
         directory: parent folder of the temporary disk slabs (default: system temp).
-        path: a directory that persists and that several processes may share.
+        budget: a :class:`~torchfreeze.cache._storage.StorageBudget` shared with other
+            stores (the namespaces of one cache); replaces storage/max_bytes/directory.
+        path: a directory that persists and that several processes may share
+            (``max_bytes`` then bounds its files).
 
     Example:
         >>> import torch
@@ -97,44 +92,39 @@ class SlabStore:
         shapes: Sequence[Sequence[int]],
         dtypes: Sequence[torch.dtype],
         *,
-        storage: StorageKind = "memory",
+        storage: StorageMode = "memory",
         max_bytes: int | None = None,
         device: torch.device | str = "cpu",
         directory: str | os.PathLike[str] | None = None,
+        budget: StorageBudget | None = None,
         path: str | os.PathLike[str] | None = None,
     ) -> None:
-        if storage not in _KINDS:
-            raise CacheError(f"storage={storage!r} is not one of {', '.join(map(repr, _KINDS))}.")
+        if storage not in STORAGE_MODES:
+            raise CacheError(
+                f"storage={storage!r} is not one of {', '.join(map(repr, STORAGE_MODES))}.")
         if len(shapes) != len(dtypes) or not shapes:
             raise CacheError("a store needs one shape and one dtype per output tensor")
         self.shapes = [tuple(int(d) for d in s) for s in shapes]
         self.dtypes = list(dtypes)
         self.row_nbytes = sum(row_nbytes(s, d) for s, d in zip(self.shapes, self.dtypes))
-        self.storage: StorageKind = "disk" if path is not None else storage
-        self.max_bytes = max_bytes
+        if budget is None:
+            budget = StorageBudget(max_bytes, storage,
+                                   None if directory is None else os.fspath(directory))
+        self.budget = budget
         self.device = torch.device(device)
         self.path = None if path is None else os.fspath(path)
-        max_rows = None if max_bytes is None else max_bytes // max(self.row_nbytes, 1)
-        mem_limit: int | None
-        if self.storage == "disk":
-            mem_limit, self._disk_limit = 0, max_rows
-        elif self.storage == "memory":
-            mem_limit, self._disk_limit = max_rows, 0
-        else:
-            mem_limit, self._disk_limit = max_rows, (None if max_rows is not None else 0)
-        self._mem_limit = mem_limit
-        self._base = _NEVER if mem_limit is None else mem_limit
-        self._mem = ([] if mem_limit == 0 else
-                     [MemorySlab(s, d, device=self.device, max_rows=mem_limit)
+        self.written = 0  # entries this process published (fill() reports it)
+        self._mem = ([] if budget.mode == "disk" or self.path is not None else
+                     [MemorySlab(s, d, device=self.device)
                       for s, d in zip(self.shapes, self.dtypes)])
         self._mem_used = 0
         self._disk_used = 0
         self._disk: list[DiskSlab] = []
-        self._tmp: weakref.finalize | None = None
-        self._directory = None if directory is None else os.fspath(directory)
         self._log: SharedLog | None = None
         self._index = IdIndex()
         if self.path is not None:
+            max_rows = (None if budget.max_bytes is None
+                        else budget.max_bytes // max(self.row_nbytes, 1))
             self._open_shared(self.path, max_rows)
 
     # ---------------------------------------------------------------- set-up
@@ -169,11 +159,7 @@ class SlabStore:
 
     def _temp_disk(self) -> list[DiskSlab]:
         if not self._disk:
-            if self._directory is not None:
-                os.makedirs(self._directory, exist_ok=True)
-            folder = tempfile.mkdtemp(prefix="torchfreeze-store-", dir=self._directory)
-            self._tmp = weakref.finalize(self, _remove_dir, folder)
-            self._disk = self._open_disk(folder)
+            self._disk = self._open_disk(tempfile.mkdtemp(dir=self.budget.folder()))
         return self._disk
 
     # ---------------------------------------------------------------- Storage
@@ -189,7 +175,7 @@ class SlabStore:
         n = slots.numel()
         if self._log is not None or not self._mem:
             return [self._from_disk(i, slots, device) for i in range(len(self.shapes))]
-        in_mem = slots < self._base
+        in_mem = slots < _DISK
         if bool(in_mem.all()):
             return [self._from_memory(i, slots, device) for i in range(len(self.shapes))]
         out = []
@@ -216,7 +202,7 @@ class SlabStore:
         return slab.read(slots).to(device)
 
     def _from_disk(self, i: int, slots: torch.Tensor, device: torch.device) -> torch.Tensor:
-        base = 0 if self._log is not None else self._base
+        base = 0 if self._log is not None else _DISK
         staged = self._disk[i].read(slots - base, out=self._staging(i, slots.numel(), device))
         return staged.to(device, non_blocking=True)
 
@@ -229,7 +215,12 @@ class SlabStore:
         pos = _first_missing(ids, self.lookup(ids))
         if pos.numel() == 0:
             return
-        new_ids = _pick(ids, pos)
+        # Slabs and index tables made inside fill()'s inference_mode would be inference
+        # tensors, which later writes outside it may not modify.
+        with torch.inference_mode(False):
+            self._write_new(_pick(ids, pos), pos, leaves)
+
+    def _write_new(self, new_ids: IdBatch, pos: torch.Tensor, leaves: list[torch.Tensor]) -> None:
         rows = [leaf.index_select(0, pos.to(leaf.device)) if pos.numel() != leaf.shape[0]
                 else leaf for leaf in leaves]
         if self._log is not None:
@@ -239,28 +230,36 @@ class SlabStore:
             slots = torch.arange(start, start + got)
             for slab, r in zip(self._disk, rows):
                 slab.write(slots, r[:got])
-            self._log.commit(_pick(new_ids, torch.arange(got)), slots)
+            fresh = self._log.commit(_pick(new_ids, torch.arange(got)), slots)
+            self.written += int(fresh.sum())
             return
-        k = pos.numel()
-        to_mem = k if self._mem_limit is None else max(0, min(k, self._mem_limit - self._mem_used))
-        disk_free = k if self._disk_limit is None else self._disk_limit - self._disk_used
-        to_disk = max(0, min(k - to_mem, disk_free))
+        to_mem, to_disk = self.budget.split(self.row_nbytes, pos.numel())
         parts = []
         if to_mem:
             slots = torch.arange(self._mem_used, self._mem_used + to_mem)
+            room = self.budget.memory_room(self.row_nbytes)
+            cap = None if room is None else self._mem_used + room
             for mslab, r in zip(self._mem, rows):
-                mslab.write(slots, r[:to_mem])
+                mslab.write(slots, r[:to_mem], cap=cap)
             self._mem_used += to_mem
+            self.budget.memory_nbytes += to_mem * self.row_nbytes
             parts.append(slots)
         if to_disk:
             file_slots = torch.arange(self._disk_used, self._disk_used + to_disk)
             for slab, r in zip(self._temp_disk(), rows):
                 slab.write(file_slots, r[to_mem:to_mem + to_disk])
             self._disk_used += to_disk
-            parts.append(file_slots + self._base)
+            self.budget.disk_nbytes += to_disk * self.row_nbytes
+            parts.append(file_slots + _DISK)
         if parts:
             stored = to_mem + to_disk
             self._index.insert(_pick(new_ids, torch.arange(stored)), torch.cat(parts))
+            self.written += stored
+
+    def __contains__(self, sample_id: object) -> bool:
+        ids: IdBatch = (torch.tensor([sample_id], dtype=torch.long)
+                        if type(sample_id) is int else [sample_id])  # type: ignore[list-item]
+        return bool(self.lookup(ids)[0] >= 0)
 
     def __len__(self) -> int:
         if self._log is not None:
@@ -298,16 +297,13 @@ class SlabStore:
         self._index.clear()
         for mslab in self._mem:
             mslab.clear()
+        self.budget.memory_nbytes -= self._mem_used * self.row_nbytes
+        self.budget.disk_nbytes -= self._disk_used * self.row_nbytes
         self._mem_used = self._disk_used = 0
-        self._close_disk()
-
-    def _close_disk(self) -> None:
-        for dslab in self._disk:
-            dslab.close()
+        for slab in self._disk:
+            slab.close()
+            os.remove(slab.path)
         self._disk = []
-        if self._tmp is not None:
-            self._tmp()
-            self._tmp = None
 
     def close(self) -> None:
         """Release memory, files and temporary folders; a ``path=`` store stays on disk."""
