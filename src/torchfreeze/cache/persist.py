@@ -28,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Hashable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -344,7 +345,9 @@ def load_structure(directory: str) -> dict[str, Any] | None:
     if not os.path.exists(target):
         return None
     # Our own file (output classes, pytree specs): not a tensor-only checkpoint.
-    return torch.load(target, weights_only=False)  # type: ignore[no-any-return]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's pytree LeafSpec deprecation
+        return torch.load(target, weights_only=False)  # type: ignore[no-any-return]
 
 
 def open_meta(directory: str, meta: StoreMeta, *, overwrite: bool = False) -> bool:
