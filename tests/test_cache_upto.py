@@ -219,23 +219,37 @@ class Skip(nn.Module):
         self.a = nn.Linear(4, 4)
         self.b = nn.Linear(4, 4)
         self.head = nn.Linear(4, 2)
+        self.skip = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.a(x)
-        return self.head(self.b(h) + h)        # a's output bypasses the boundary b
+        out = self.b(h)
+        return self.head(out + h if self.skip else out)   # a's output bypasses b
 
 
-def test_skip_connection_around_the_boundary_is_refused_before_the_replay_is_used():
+def test_skip_connection_around_the_boundary_is_refused_on_the_first_pass():
     model = Skip()
+    tfz.freeze(model, "a", "b")
+    cache = tfz.FeatureCache(model, upto="b")
+    with pytest.raises(CacheError, match=r"output of 'a' is used by add after the boundary "
+                                         r"'b' returned.*skip connection"), \
+            cache.keys([0, 1, 2]):
+        model(torch.randn(3, 4))
+
+
+def test_a_path_around_the_boundary_taken_later_is_refused_before_the_replay_is_used():
+    model = Skip()
+    model.skip = False
     tfz.freeze(model, "a", "b")
     cache = tfz.FeatureCache(model, upto="b")
     x = torch.randn(3, 4)
     with cache.keys([0, 1, 2]):
-        model(x)                                 # computed: correct
+        model(x)                                 # no skip: the cut holds, stored
+    model.skip = True
     seen = []
     model.head.register_forward_pre_hook(lambda m, a: seen.append(a))
     with pytest.raises(CacheError, match=r"output of 'a' is used by add after the boundary "
-                                         r"'b' returned.*skip connection"), \
+                                         r"'b' returned.*nothing was computed"), \
             cache.keys([0, 1, 2]):
         model(x)
     assert seen == []                            # the head never saw a replayed batch
@@ -251,11 +265,14 @@ def test_output_hidden_states_is_refused():
     model.config.output_hidden_states = False
     cache = tfz.FeatureCache(model, upto="bert.encoder.layer.1")
     tokens = torch.randint(1, 100, (2, 6))
+    with pytest.raises(CacheError, match=r"output of 'bert.embeddings' is used by the model's "
+                                         r"return value \(hidden states"), cache.keys([0, 1]):
+        model(input_ids=tokens, output_hidden_states=True)    # first pass: computed, refused
     with cache.keys([0, 1]):
-        model(input_ids=tokens, output_hidden_states=True)
+        model(input_ids=tokens)
     with pytest.raises(CacheError, match=r"returns the output of 'bert.embeddings'.*hidden"), \
             cache.keys([0, 1]):
-        model(input_ids=tokens, output_hidden_states=True)
+        model(input_ids=tokens, output_hidden_states=True)    # on replay: refused too
 
 
 def test_upto_must_name_one_module():
@@ -411,3 +428,29 @@ def test_advance_feeds_the_later_boundary_from_the_earlier_cache():
     with torch.no_grad(), later.keys(torch.arange(8)):
         torch.testing.assert_close(model(input_ids=tokens).logits, want, rtol=1e-5, atol=1e-6)
     assert later.hits == 18
+
+
+@pytest.mark.parametrize("make, frozen, upto, shape", [
+    ("tiny_vit", ("vit.embeddings", "vit.layers.{0..1}"), "vit.layers.1", (3, 3, 16, 16)),
+    ("tiny_hf_resnet", ("resnet.embedder", "resnet.encoder.stages.{0..1}"),
+     "resnet.encoder.stages.1", (3, 3, 32, 32)),
+    ("tiny_convnext", ("convnext.embeddings", "convnext.encoder.stages.{0..1}"),
+     "convnext.encoder.stages.1", (3, 3, 32, 32)),
+])
+def test_stock_hf_vision_models_replay_without_running_the_prefix(make, frozen, upto, shape):
+    from . import _models
+
+    torch.manual_seed(0)
+    model = getattr(_models, make)().eval()
+    tfz.freeze(model, *frozen)
+    x = torch.randn(*shape)
+    plain = model(x).logits
+    cache = tfz.FeatureCache(model, upto=upto)
+    with cache.keys([0, 1, 2]):
+        first = model(x).logits
+    counter = CountCalls(frozen_weights(model))
+    with cache.keys([0, 1, 2]), counter:
+        again = model(x).logits
+    assert counter.frozen_matmul == 0 and cache.hits == 3
+    torch.testing.assert_close(first, plain, rtol=0, atol=1e-6)
+    torch.testing.assert_close(again, plain, rtol=0, atol=1e-6)

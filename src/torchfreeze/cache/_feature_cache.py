@@ -25,6 +25,8 @@ from ._hook import (
     PatchedForward,
     Placeholder,
     PrefixSpec,
+    Taint,
+    bypass_error,
     describe,
     flatten_output,
     has_placeholder,
@@ -123,7 +125,7 @@ class _Segment:
 class _Pass:
     """State of one ``keys()`` block."""
 
-    __slots__ = ("call", "discovery", "ids", "n", "replayed", "segment", "store")
+    __slots__ = ("call", "discovery", "ids", "n", "replayed", "segment", "store", "taint")
 
     def __init__(self, ids: IdBatch, n: int) -> None:
         self.ids = ids
@@ -133,6 +135,7 @@ class _Pass:
         self.discovery: Discovery | None = None
         self.store = True
         self.replayed = False
+        self.taint: Taint | None = None  # the first pass's data-dependence check
 
 
 class _Keys:
@@ -159,7 +162,9 @@ class _Keys:
             )
         state = self.state = _Pass(self.ids, self.n)
         if cache._prefix is None:
-            state.discovery = Discovery(cache._root, cache.module)
+            state.discovery = Discovery(cache._root, cache.module, cache._clock)
+            state.taint = state.discovery.taint
+            state.taint.__enter__()
         cache._pass = state
         try:
             for feeder in cache._feeders:
@@ -181,6 +186,8 @@ class _Keys:
         cache._clock.tick += 1  # placeholders of this block are dead from here on
         if state.discovery is not None:
             state.discovery.remove()
+        if state.taint is not None:
+            state.taint.__exit__(None, None, None)
 
 
 def _fmt(n: int) -> str:
@@ -306,11 +313,12 @@ class FeatureCache:
     stores one entry per call) and the autocast state (``bfloat16`` entries are
     never replayed outside autocast).
 
-    The cut is proven on every replay: if anything after the boundary reads a
-    prefix output other than the boundary's (a skip connection around it,
-    ``output_hidden_states=True``, a cross path), the op that reads it raises
-    :class:`~torchfreeze.errors.CacheError` naming the module, before any result
-    is computed from the replay.
+    The cut is proven: if anything after the boundary reads a prefix output
+    other than the boundary's (a skip connection around it,
+    ``output_hidden_states=True``, a cross path), :class:`~torchfreeze.errors.CacheError`
+    names the module - on the first pass already (data dependence is traced
+    while the prefix is discovered), and on every replay, by the op that reads a
+    skipped output, before any result is computed from the replay.
 
     Args:
         model: the module to cache (``upto=None``), or the model whose prefix up to
@@ -652,6 +660,14 @@ class FeatureCache:
         state = self._pass
         if state is None:
             return patch.orig(*args, **kwargs)
+        if state.taint is None:
+            return self._boundary_call(state, patch, args, kwargs)
+        out = self._boundary_call(state, patch, args, kwargs)
+        state.taint.clean(out)  # the boundary's output is what the cut lets through
+        return out
+
+    def _boundary_call(self, state: _Pass, patch: PatchedForward, args: tuple[Any, ...],
+                       kwargs: dict[str, Any]) -> Any:
         try:
             seg = state.segment or self._begin(state, args, kwargs, first_is_boundary=True)
             ns = seg.ns
@@ -674,6 +690,8 @@ class FeatureCache:
                     raise _StopAtBoundary
                 return out
             out = patch.orig(*args, **kwargs)
+            if state.taint is not None:
+                state.taint.clean(out)
             if has_placeholder(out):
                 return out  # an outer cache replays this stretch: nothing real to store
             self._check_digests(state, seg)
@@ -699,6 +717,11 @@ class FeatureCache:
                  kwargs: dict[str, Any]) -> Any:
         out = patch.orig(*args, **kwargs)
         state = self._pass
+        if state is not None and state.taint is not None:
+            source = state.taint.stale(out)
+            if source is not None:
+                raise bypass_error(self._clock.boundary, source, "the model's return value "
+                                   "(hidden states?)")
         if state is not None and state.replayed:
             for leaf in pytree.tree_leaves(out):
                 if isinstance(leaf, Placeholder):
@@ -875,6 +898,17 @@ class FeatureCache:
                 f"{len(ns.spec.dtypes)} of {ns.spec.dtypes}); different call arguments? "
                 "Use one FeatureCache per way of calling the module, or clear() it."
             )
+        taint = self._pass.taint if self._pass is not None else None
+        if taint is not None:
+            taint.paused = True
+        try:
+            return self._store_rows(ns, ids, computed)
+        finally:
+            if taint is not None:
+                taint.paused = False
+
+    def _store_rows(self, ns: _Namespace, ids: IdBatch,
+                    computed: list[torch.Tensor]) -> list[torch.Tensor]:
         stored = [self._to_store(t) for t in computed]
         if ns.storage is None:
             ns.storage = self._new_storage(ns, stored)

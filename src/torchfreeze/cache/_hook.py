@@ -17,6 +17,8 @@
   :class:`~torchfreeze.errors.CacheError` naming the module whose output
   bypasses the boundary, before the op produces anything. Reading a
   placeholder's values (``.item()``, ``.tolist()``, ``if x.any()``) raises too.
+* On the first (computed) pass :class:`Taint` traces data dependence from prefix
+  outputs and raises the same error there, before anything is replayed.
 """
 
 from __future__ import annotations
@@ -29,17 +31,21 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .._compat import disabled_torch_function, make_wrapper_subclass, pytree
 from ..errors import CacheError
 
 __all__ = [
     "Clock",
+    "Discovery",
     "OutputSpec",
     "PatchedForward",
     "Placeholder",
     "PlainForward",
     "PrefixSpec",
+    "Taint",
     "flatten_output",
     "install",
     "unflatten_output",
@@ -404,16 +410,22 @@ class Discovery:
     returned; outputs are kept so that placeholders can be rebuilt later.
     """
 
-    def __init__(self, root: nn.Module, boundary: nn.Module) -> None:
+    def __init__(self, root: nn.Module, boundary: nn.Module, clock: Clock) -> None:
         self.root = root
         self.boundary = boundary
         self.names = {id(m): n for n, m in root.named_modules(remove_duplicate=True)}
+        bname = self.names[id(boundary)]
+        self._ancestors = {id(m) for n, m in root.named_modules()
+                           if n == "" or bname.startswith(n + ".")}
         self.done: list[tuple[nn.Module, Any]] = []
+        self.taint = Taint(clock)
         self._handles = [m.register_forward_hook(self._hook)
                          for m in root.modules() if m is not boundary]
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
         self.done.append((module, output))
+        if id(module) not in self._ancestors:
+            self.taint.mark(output, self.names.get(id(module), describe(module)))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -439,3 +451,78 @@ class Discovery:
         names = [n for n, _, _ in seen.values()]
         return [entry for entry in seen.values()
                 if not any(inside(entry[0], other) for other in names if other != entry[0])]
+
+
+# ------------------------------------------------------------ the cut proof, first pass
+def bypass_error(boundary: str, source: str, op: str) -> CacheError:
+    return CacheError(
+        f"FeatureCache(upto={boundary!r}): the output of {source!r} is used by {op} after "
+        f"the boundary {boundary!r} returned, so something reads the frozen prefix around "
+        "the boundary (a skip connection, output_hidden_states=True, an encoder-decoder "
+        "cross path). A replayed boundary output cannot stand in for it. Choose a boundary "
+        "whose output is the only thing the rest of the model reads from the prefix, or do "
+        "not cache."
+    )
+
+
+class Taint(TorchFunctionMode):
+    """Data dependence from prefix outputs during the first (computed) pass.
+
+    Outputs of modules that complete before the boundary returns are tainted with the
+    clock's tick; ops propagate taint to their tensor outputs (``*_like``/``new_*``
+    factories read only metadata and do not); the boundary's own output is cleaned
+    when it returns and the tick moves on. An op after that which consumes a tensor
+    tainted with an older tick (and produces a tensor or reads values) is a path
+    around the boundary: CacheError, on the first pass already, before any replay.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__()
+        self.clock = clock
+        self.taint: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.paused = False  # the cache's own bookkeeping (storing rows) is not the model
+
+    def mark(self, out: Any, source: str) -> None:
+        for leaf in pytree.tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):  # hooks run inner to outer: name the outer
+                self.taint[leaf] = (source, self.clock.tick)
+
+    def clean(self, out: Any) -> None:
+        for leaf in pytree.tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self.taint.pop(leaf, None)
+
+    def stale(self, out: Any) -> str | None:
+        for leaf in pytree.tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                hit = self.taint.get(leaf)
+                if hit is not None and hit[1] != self.clock.tick:
+                    return str(hit[0])
+        return None
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.paused:
+            return out
+        name = getattr(func, "__name__", str(func))
+        found = None
+        for x in pytree.tree_leaves((args, kwargs)):
+            if isinstance(x, torch.Tensor):
+                hit = self.taint.get(x)
+                if hit is not None and (found is None or hit[1] != self.clock.tick):
+                    found = hit
+        if found is None or name in _METADATA_FACTORIES:
+            return out
+        produced = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if found[1] != self.clock.tick and (produced or name in _VALUE_READS
+                                            or name in _VALUE_READS_PY):
+            raise bypass_error(self.clock.boundary, str(found[0]), name)
+        for t in produced:
+            if t not in self.taint:
+                self.taint[t] = found
+        return out
+
+
+_VALUE_READS_PY = {"tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"}
