@@ -100,6 +100,32 @@ def test_rule_rate_at_the_threshold_is_not_below() -> None:
     assert rule(stats(2, [2.0, 2, 2, 2, 2])) == 0  # all rates equal: none strictly below
 
 
+def test_normalized_rule_ignores_the_common_mode() -> None:
+    # every group's norm doubles (a harder batch mix): raw rates are all 1.0 and
+    # meaningless; shares do not move, so nothing is "changing" and nothing freezes
+    raw = GradNormRule(warmup=0, patience=1)
+    norm = GradNormRule(warmup=0, patience=1, normalize=True)
+    for rule in (raw, norm):
+        rule(stats(1, [4.0, 3.0, 2.0, 1.0, 1.0]))
+    assert norm(stats(2, [8.0, 6.0, 4.0, 2.0, 2.0])) == 0
+    assert norm.rates == pytest.approx(dict.fromkeys(NAMES, 0.0))
+    # the early groups keep their share while the late ones reshuffle: raw sees only
+    # the common rise (emb changes as much as anything), shares see emb settled
+    raw(stats(2, [8.0, 6.0, 4.0, 2.0, 2.0]))
+    nxt = stats(3, [16.2, 12.0, 9.0, 3.0, 5.0])
+    assert raw(nxt) == 0 and norm(nxt) == 1
+    assert "normalize=True" in repr(norm)
+
+
+def test_normalized_shares_after_a_freeze_use_the_same_groups() -> None:
+    rule = GradNormRule(warmup=0, patience=1, normalize=True)
+    rule(stats(1, [10.0, 1.0, 1.0, 1.0, 1.0]))
+    # emb froze: the others' shares are compared over the four remaining groups only,
+    # so dropping emb's large norm from the total moves nothing
+    rule(stats(2, [1.0, 1.0, 1.0, 1.0], frozen=1))
+    assert rule.rates == pytest.approx({"l0": 0.0, "l1": 0.0, "l2": 0.0, "head": 0.0})
+
+
 def test_rule_state_round_trips_through_json() -> None:
     rule = GradNormRule(warmup=0, patience=2)
     rule(stats(1, [1.0, 1.3, 1.7, 1.9, 2.1]))

@@ -133,6 +133,10 @@ class GradNormRule:
             group's gradient changes fast; rates there say little).
         patience: consecutive intervals a group must be below before it freezes.
         max_per_decision: at most this many groups freeze at one interval's end.
+        normalize: compare each group's *share* of the unfrozen groups' total norm
+            (previous interval: over the same groups) instead of its norm. Removes the
+            common mode: on MiniLM/BBC News all groups' norms rise and fall together
+            with the batches' difficulty (README, AutoFreeze section).
 
     Example:
         >>> from torchfreeze.autofreeze import FreezeStats, GradNormRule
@@ -154,6 +158,7 @@ class GradNormRule:
         warmup: int = 1,
         patience: int = 2,
         max_per_decision: int = 1,
+        normalize: bool = False,
     ) -> None:
         if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real) or not (
             0 < float(percentile) <= 100
@@ -171,6 +176,7 @@ class GradNormRule:
         self.warmup: int = int(warmup)
         self.patience: int = int(patience)
         self.max_per_decision: int = int(max_per_decision)
+        self.normalize: bool = bool(normalize)
         self.prev: dict[str, float] = {}
         self.streak: dict[str, int] = {}
         #: change rates and threshold of the last call (for logs and reports)
@@ -180,13 +186,16 @@ class GradNormRule:
     def __call__(self, stats: FreezeStats) -> int:
         unfrozen = [g for g in stats.groups[stats.frozen:] if g in stats.grad_norms]
         cur = {g: float(stats.grad_norms[g]) for g in unfrozen}
+        prev = {g: self.prev[g] for g in unfrozen if g in self.prev}
+        self.prev = dict(cur)
+        if self.normalize:
+            cur, prev = _shares(cur), _shares(prev)
         rates: dict[str, float] = {}
         for g, c in cur.items():
-            p = self.prev.get(g)
+            p = prev.get(g)
             if p is None:
                 continue
             rates[g] = abs(p - c) / p if p > 0 else (0.0 if c == 0 else math.inf)
-        self.prev = cur
         self.rates = rates
         self.threshold = None
         if stats.interval <= self.warmup or not rates:
@@ -215,7 +224,13 @@ class GradNormRule:
 
     def __repr__(self) -> str:
         return (f"GradNormRule(percentile={self.percentile:g}, warmup={self.warmup}, "
-                f"patience={self.patience}, max_per_decision={self.max_per_decision})")
+                f"patience={self.patience}, max_per_decision={self.max_per_decision}"
+                + (", normalize=True)" if self.normalize else ")"))
+
+
+def _shares(norms: dict[str, float]) -> dict[str, float]:
+    total = sum(norms.values())
+    return {g: v / total for g, v in norms.items()} if total > 0 else dict(norms)
 
 
 @dataclass
@@ -294,6 +309,8 @@ class AutoFreeze:
         warmup: ``"gradnorm"``: intervals before anything may freeze.
         patience: ``"gradnorm"``: consecutive intervals a group must be below.
         max_per_decision: ``"gradnorm"``: most groups frozen per interval.
+        normalize: ``"gradnorm"``: rates of each group's share of the total norm
+            (see :class:`GradNormRule`).
         pin_eval: keep frozen groups in eval mode (dropout off) through every
             ``model.train()``; required by ``cache=True``.
 
@@ -332,6 +349,7 @@ class AutoFreeze:
         warmup: int = 1,
         patience: int = 2,
         max_per_decision: int = 1,
+        normalize: bool = False,
         pin_eval: bool = True,
     ) -> None:
         if isinstance(interval, bool) or not isinstance(interval, numbers.Integral) or interval < 1:
@@ -342,7 +360,7 @@ class AutoFreeze:
         if policy == "gradnorm":
             self.policy: Callable[[FreezeStats], int] = GradNormRule(
                 percentile=percentile, warmup=warmup, patience=patience,
-                max_per_decision=max_per_decision,
+                max_per_decision=max_per_decision, normalize=normalize,
             )
         elif callable(policy):
             self.policy = policy
@@ -599,12 +617,12 @@ class AutoFreeze:
     @property
     def cache_hits(self) -> int:
         """Samples whose frozen prefix was replayed, over every cache so far."""
-        return self._retired[0] + sum(c.hits for c in self._caches)
+        return self._retired[0] + sum(int(c.hits) for c in self._caches)
 
     @property
     def cache_misses(self) -> int:
         """Samples whose (newly) frozen groups were computed, over every cache so far."""
-        return self._retired[1] + sum(c.misses for c in self._caches)
+        return self._retired[1] + sum(int(c.misses) for c in self._caches)
 
     def close(self) -> None:
         """Close the caches (``cache=True``): stored entries are dropped, forwards restored."""

@@ -287,7 +287,8 @@ class AutoFreezeCallback(Callback):
 
         self._kwargs = dict(layers=layers, interval=interval, policy=policy,
                             percentile=percentile, cache=cache, **options)
-        unknown = set(options) - {"warmup", "patience", "max_per_decision", "pin_eval"}
+        unknown = set(options) - {"warmup", "patience", "max_per_decision", "normalize",
+                                 "pin_eval"}
         if unknown:
             raise TorchfreezeError(
                 f"AutoFreezeCallback got unknown options {sorted(unknown)}; AutoFreeze takes "

@@ -343,7 +343,8 @@ class AutoFreezeCallback(TrainerCallback, ExportableState):
         verbose: bool = True,
         **options: Any,
     ) -> None:
-        unknown = set(options) - {"warmup", "patience", "max_per_decision", "pin_eval"}
+        unknown = set(options) - {"warmup", "patience", "max_per_decision", "normalize",
+                                 "pin_eval"}
         if unknown:
             raise TorchfreezeError(
                 f"AutoFreezeCallback got unknown options {sorted(unknown)}; AutoFreeze takes "
