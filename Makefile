@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export NO_MKDOCS_2_WARNING = 1
 
-.PHONY: setup demo test lint typecheck docs bench clean
+.PHONY: setup demo test lint typecheck docs bench bench-real clean
 
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ docs: setup
 
 bench: setup
 	$(PY) bench/run_all.py
+
+# the BBC News job at full size, 3 seeds (~25 min on 2 cores; not in CI)
+bench-real: setup
+	$(PY) bench/bench_real.py
 
 clean:
 	rm -rf $(VENV) torchfreeze-demo site .mypy_cache .pytest_cache

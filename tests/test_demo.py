@@ -27,7 +27,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("demo") / "run"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        code = main(["demo", "--epochs", "1", "--seed", str(SEED), "--out", str(out)])
+        code = main(["demo", "--task", "digits", "--epochs", "1", "--seed", str(SEED),
+                     "--out", str(out)])
     return {"code": code, "stdout": buf.getvalue(), "out": out,
             "json": json.loads((out / "results.json").read_text())}
 
@@ -104,13 +105,14 @@ def test_demo_is_deterministic_with_a_seed(demo, tmp_path):
 
 
 def test_demo_strategies_option_and_errors(tmp_path, capsys, monkeypatch):
-    assert main(["demo", "--epochs", "0", "--out", str(tmp_path)]) == 2
+    assert main(["demo", "--task", "digits", "--epochs", "0", "--out", str(tmp_path)]) == 2
     assert "--epochs must be >= 1" in capsys.readouterr().err
     with pytest.raises(TorchfreezeError, match="unknown strategy 'probe'"):
         run_demo(strategies=["probe"], out=tmp_path, console=_quiet())
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     out = Path(tmp_path) / "new"
-    assert main(["demo", "--epochs", "1", "--strategies", "scratch", "--out", str(out)]) == 2
+    assert main(["demo", "--task", "digits", "--epochs", "1", "--strategies", "scratch",
+                 "--out", str(out)]) == 2
     assert "pip install 'torchfreeze[demo]'" in capsys.readouterr().err
     assert not out.exists()  # nothing written
 

@@ -11,7 +11,7 @@ from .errors import TorchfreezeError
 if TYPE_CHECKING:  # pragma: no cover
     from .diff import CheckpointDiff
 
-__all__ = ["plot_demo", "plot_diff", "require_matplotlib"]
+__all__ = ["plot_demo", "plot_diff", "plot_news", "require_matplotlib"]
 
 
 def require_matplotlib() -> Any:
@@ -107,4 +107,70 @@ def plot_diff(diff: CheckpointDiff, path: str | os.PathLike[str]) -> None:
         title += "   (green: expected frozen, red: expected frozen but moved)"
     ax.set_title(title, fontsize=9)
     ax.grid(axis="x", alpha=0.3)
+    _save(fig, path)
+
+
+def plot_news(payload: dict[str, Any], drift: dict[str, dict[str, float]],
+              path: str | os.PathLike[str], *, title: str = "") -> None:
+    """Time to accuracy (test accuracy vs train seconds) beside the per-layer drift heat-map.
+
+    Args:
+        payload: the BBC News demo's ``results.json`` dict (its ``curve``s).
+        drift: strategy -> layer -> relative weight change ``‖Δw‖ / ‖w₀‖``.
+        path: the PNG to write.
+        title: the figure's title.
+    """
+    figure_cls, _ = require_matplotlib()
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.colors import LogNorm
+
+    rows = payload["strategies"]
+    fig = figure_cls(figsize=(15, 5.4), layout="constrained")
+    ax_acc, ax_heat = fig.subplots(1, 2, width_ratios=[1, 1.25])
+    styles = {"full-fine-tune": ("black", "o"), "from-scratch": ("tab:gray", "s"),
+              "linear-probe": ("tab:blue", "^"), "partial-freeze": ("tab:green", "D"),
+              "gradual-unfreeze": ("tab:orange", "v")}
+    seconds = [s for r in rows for s, _ in r["curve"] if s > 0]
+    floor = min(seconds) / 2 if seconds else 0.1
+    for r in rows:
+        color, marker = styles.get(r["name"], (None, "x"))
+        # log time axis: the cached linear probe trains in seconds, full fine-tuning in
+        # minutes; step 0 (before training) is drawn at the left edge
+        xs = [max(s, floor) for s, _ in r["curve"]]
+        ys = [100 * a for _, a in r["curve"]]
+        ax_acc.plot(xs, ys, marker=marker, color=color, label=r["name"], linewidth=1.8)
+        ax_acc.annotate(f"{ys[-1]:.1f}%", (xs[-1], ys[-1]), textcoords="offset points",
+                        xytext=(6, -3), fontsize=9, color=color)
+    full = next((r for r in rows if r["name"] == "full-fine-tune"), None)
+    if full is not None:
+        ax_acc.axhline(100 * full["test_accuracy"] - 1, color="black", linestyle=":",
+                       linewidth=1, label="full-fine-tune − 1 pt")
+    ax_acc.set_xscale("log")
+    ax_acc.set_xlabel("train seconds (log scale; evaluation excluded)")
+    ax_acc.set_ylabel(f"test accuracy on {payload['test_samples']} held-out articles (%)")
+    ax_acc.set_title("time to accuracy")
+    ax_acc.grid(alpha=0.3, which="both")
+    ax_acc.legend(loc="lower right", fontsize=9)
+
+    names = [r["name"] for r in rows]
+    layers = list(drift[names[0]])
+    values = np.asarray([[drift[n][k] for k in layers] for n in names], dtype=float)
+    grid = np.ma.masked_equal(values, 0.0)
+    top = float(grid.max()) if grid.count() else 1.0
+    low = max(min(float(grid.min()) if grid.count() else 1e-3, top / 10), top * 1e-4)
+    cmap = colormaps["magma_r"].with_extremes(bad="#d8ecd3")
+    image = ax_heat.imshow(grid, cmap=cmap, norm=LogNorm(vmin=low, vmax=top), aspect="auto")
+    ax_heat.set_xticks(range(len(layers)), labels=layers, rotation=30, ha="right")
+    ax_heat.set_yticks(range(len(names)), labels=names)
+    ax_heat.set_title("relative weight change per layer ‖Δw‖ / ‖w₀‖ (log colour; green: frozen)")
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            text = "0" if v == 0.0 else f"{v:.2f}" if v >= 0.01 else f"{v:.0e}"
+            dark = v > 0 and math.log(v / low) > 0.45 * math.log(top / low)
+            ax_heat.text(j, i, text, ha="center", va="center", fontsize=8,
+                         color="white" if dark else "black")
+    fig.colorbar(image, ax=ax_heat, shrink=0.85)
+    if title:
+        fig.suptitle(title, fontsize=12)
     _save(fig, path)
