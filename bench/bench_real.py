@@ -13,7 +13,8 @@ from every clock (the Trainer's too: a callback stops it while we evaluate).
 `make bench-real` (not in CI; ~25 min on an idle 2-core CPU at the defaults).
 Rows are :data:`ROWS`: the demo's strategies (from-scratch left out: it never
 reaches the target) plus ``hf-trainer``; other strategies join by adding their
-name (``auto``: ``auto-freeze`` once registered in ``torchfreeze.demo_news``).
+name to ROWS: demo strategies registered in ``torchfreeze.demo_news``, or
+bench-only ones (``dn.Strategy`` objects) in :data:`EXTRA`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench_real -->", "<!-- /bench_real -->"
 #: the rows, in the order they run within a seed; "hf-trainer" is the Trainer baseline
 ROWS = ["full-fine-tune", "hf-trainer", "partial-freeze", "linear-probe", "gradual-unfreeze"]
+#: bench-only rows (not in the demo): name -> dn.Strategy; ROWS names them to run them
+EXTRA: dict[str, dn.Strategy] = {}
 TARGET_MARGIN = 0.005
 RECIPE = replace(dn.DEFAULT, shots=None, test=500, epochs=2, evals_per_epoch=2)
 
@@ -94,7 +97,8 @@ def run_seed(seed: int, rows: list[str], recipe: dn.Recipe) -> list[dict[str, An
         if name == "hf-trainer":
             r = trainer_row(data, recipe, weights)
         else:
-            row = dn.train_strategy(dn.STRATEGIES[name], data, recipe, weights=weights,
+            strategy = EXTRA[name] if name in EXTRA else dn.STRATEGIES[name]
+            row = dn.train_strategy(strategy, data, recipe, weights=weights,
                                     initial=initial)
             r = {"name": name, "test_accuracy": row.accuracy, "train_seconds": row.seconds,
                  "curve": row.curve, "verify": row.verify}
@@ -149,7 +153,8 @@ def main() -> int:
     args = parser.parse_args()
     recipe = replace(RECIPE, epochs=args.epochs)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r != "hf-trainer" and r not in dn.STRATEGIES]
+    unknown = [r for r in rows if r != "hf-trainer" and r not in dn.STRATEGIES
+               and r not in EXTRA]
     if unknown or "full-fine-tune" not in rows:
         parser.error(f"--rows: need full-fine-tune; unknown: {unknown}; "
                      f"choose from hf-trainer, {', '.join(dn.STRATEGIES)}")

@@ -126,7 +126,7 @@ def plot_news(payload: dict[str, Any], drift: dict[str, dict[str, float]],
     from matplotlib.colors import LogNorm
 
     rows = payload["strategies"]
-    fig = figure_cls(figsize=(15, 5.4), layout="constrained")
+    fig = figure_cls(figsize=(15, 6), layout="constrained")
     ax_acc, ax_heat = fig.subplots(1, 2, width_ratios=[1, 1.25])
     styles = {"full-fine-tune": ("black", "o"), "from-scratch": ("tab:gray", "s"),
               "linear-probe": ("tab:blue", "^"), "partial-freeze": ("tab:green", "D"),
@@ -141,17 +141,21 @@ def plot_news(payload: dict[str, Any], drift: dict[str, dict[str, float]],
         ys = [100 * a for _, a in r["curve"]]
         ax_acc.plot(xs, ys, marker=marker, color=color, label=r["name"], linewidth=1.8)
         ax_acc.annotate(f"{ys[-1]:.1f}%", (xs[-1], ys[-1]), textcoords="offset points",
-                        xytext=(6, -3), fontsize=9, color=color)
+                        xytext=(7, -4), fontsize=9, color=color,
+                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
+                              "alpha": 0.8})
     full = next((r for r in rows if r["name"] == "full-fine-tune"), None)
     if full is not None:
         ax_acc.axhline(100 * full["test_accuracy"] - 1, color="black", linestyle=":",
                        linewidth=1, label="full-fine-tune − 1 pt")
     ax_acc.set_xscale("log")
-    ax_acc.set_xlabel("train seconds (log scale; evaluation excluded)")
+    ax_acc.set_xlabel("train seconds (log scale; evaluation excluded; left edge: before training)")
     ax_acc.set_ylabel(f"test accuracy on {payload['test_samples']} held-out articles (%)")
     ax_acc.set_title("time to accuracy")
     ax_acc.grid(alpha=0.3, which="both")
-    ax_acc.legend(loc="lower right", fontsize=9)
+    ax_acc.margins(x=0.12)
+    ax_acc.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=9,
+                  frameon=False)
 
     names = [r["name"] for r in rows]
     layers = list(drift[names[0]])
