@@ -460,7 +460,8 @@ def _forward(model: nn.Module, setup: Setup, ids: torch.Tensor, x: torch.Tensor,
     ctx = setup.keys(ids) if setup.keys is not None else contextlib.nullcontext()
     with ctx:
         out = model(input_ids=x, attention_mask=mask)
-    return out.logits if hasattr(out, "logits") else out[0]
+    logits: torch.Tensor = out.logits if hasattr(out, "logits") else out[0]
+    return logits
 
 
 def _accuracy(model: nn.Module, setup: Setup, data: NewsData, batch: int = 100) -> float:
