@@ -258,7 +258,7 @@ class SlabStore:
 
     def __contains__(self, sample_id: object) -> bool:
         ids: IdBatch = (torch.tensor([sample_id], dtype=torch.long)
-                        if type(sample_id) is int else [sample_id])  # type: ignore[list-item]
+                        if type(sample_id) is int else [sample_id])
         return bool(self.lookup(ids)[0] >= 0)
 
     def __len__(self) -> int:
