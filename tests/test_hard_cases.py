@@ -258,6 +258,22 @@ def test_ddp_model_is_walked_like_its_module(gloo_group) -> None:
     assert tfz.freeze_state(ddp) == tfz.freeze_state(plain)
 
 
+def test_fsdp1_model_is_walked_like_its_module(gloo_group) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    plain = conv_net()
+    expected = [(g.name, g.param_names) for g in tfz.layers(plain)]
+    tfz.freeze(plain, "stem")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FSDP1's own deprecation notice
+        fsdp = FullyShardedDataParallel(plain, device_id=torch.device("cpu"),
+                                        use_orig_params=True)
+    assert next(n for n, _ in fsdp.named_parameters()).startswith("_fsdp_wrapped_module.")
+    assert [(g.name, g.param_names) for g in tfz.layers(fsdp)] == expected
+    assert tfz.freeze_state(fsdp)["frozen"] == ["stem.0.weight", "stem.0.bias",
+                                                "stem.1.weight", "stem.1.bias"]
+
+
 def test_convert_frozen_batchnorm_inside_a_compiled_model() -> None:
     compiled = torch.compile(conv_net())
     assert tfz.convert_frozen_batchnorm(compiled) == ["stem.1", "block.1"]
@@ -364,6 +380,15 @@ def test_freezing_a_tied_head_warns_naming_both_names() -> None:
         tfz.freeze(gpt2, "lm_head", "transformer.wte")  # both names: nothing to say
         tfz.freeze(gpt2)
         tfz.unfreeze(gpt2, gpt2.lm_head.weight)  # the tensor itself: no name to miss
+
+
+def test_a_param_group_rule_on_a_tied_head_warns() -> None:
+    gpt2 = _gpt2()
+    with pytest.warns(TiedWeightWarning, match="rule 'lm_head' reaches 'lm_head.weight'.*"
+                                               "'transformer.wte.weight'"):
+        groups = tfz.param_groups(gpt2, lr=0.1, rules={"lm_head": {"lr_mult": 10}})
+    tied = next(g for g in groups if "transformer.wte.weight" in g["param_names"])
+    assert tied["lr"] == pytest.approx(1.0)
 
 
 def test_a_tied_head_is_still_the_head_layer_group() -> None:

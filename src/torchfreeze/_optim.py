@@ -34,6 +34,7 @@ from torch.optim import lr_scheduler as lrs
 
 from ._compat import child_schedulers
 from .errors import SchedulerError, TorchfreezeError
+from .select import selector_label
 
 __all__ = ["NO_DECAY_SUFFIX", "added_group_name", "prepare_new_group", "scheduler_checks"]
 
@@ -59,19 +60,11 @@ def added_group_name(
     if epoch is not None:
         name = f"unfreeze@{epoch}"
     else:
-        parts = [_label(s) for s in selectors]
+        parts = [selector_label(s) for s in selectors]
         name = "unfreeze:" + (",".join(parts) if parts else "*")
     return name + (NO_DECAY_SUFFIX if no_decay else "")
 
 
-def _label(selector: Any) -> str:
-    if isinstance(selector, str):
-        return selector
-    if isinstance(selector, type):
-        return selector.__name__
-    if isinstance(selector, (list, tuple, set, frozenset)):
-        return "[" + ",".join(_label(s) for s in selector) + "]"
-    return getattr(selector, "__name__", type(selector).__name__)
 
 # keys that hold learning rates: scaled for the new group, never copied verbatim
 _LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")

@@ -95,7 +95,8 @@ def freeze(
 
     Args:
         model: the model (not a DDP wrapper; see :mod:`torchfreeze.distributed`).
-        *selectors: what to freeze, in the grammar of :func:`torchfreeze.select`.
+        *selectors: what to freeze, in the grammar of :func:`torchfreeze.select`;
+            none at all: the whole model; an empty list: nothing.
         bn: ``"eval"`` (BN stays in eval through ``model.train()``; its statistics
             never move), ``"train"`` (BN layers in the selection stay trainable)
             or ``"stats"`` (affine frozen, statistics keep updating).
@@ -105,8 +106,13 @@ def freeze(
         The :class:`~torchfreeze.Selection` that was frozen.
 
     Raises:
-        SelectionError: a selector matched nothing (nothing is changed).
+        SelectionError: a selector matched nothing, or only buffers (nothing is
+            changed).
         DistributedFreezeError: ``model`` is a DDP wrapper (nothing is changed).
+
+    Warns:
+        TiedWeightWarning: a selected parameter is tied to a name the selectors
+            did not cover (``lm_head`` and the input embedding): both are frozen.
 
     Example:
         >>> import torch.nn as nn, torchfreeze as tfz

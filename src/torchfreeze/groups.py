@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ._compat import NormBase
-from .errors import TorchfreezeError, UnusedRuleWarning
-from .select import ModelIndex, require_module, resolve
+from .errors import TiedWeightWarning, TorchfreezeError, UnusedRuleWarning
+from .select import ModelIndex, require_module, resolve, selector_label
 
 __all__ = ["UnusedRuleWarning", "is_norm_layer", "param_groups", "word_match"]
 
@@ -46,16 +46,6 @@ def is_norm_layer(module: nn.Module) -> bool:
     LayerNorm, GroupNorm, RMSNorm, and by class name the many re-implementations
     (Hugging Face's ``T5LayerNorm``, ``LlamaRMSNorm``, ``ConvNextLayerNorm``, ...)."""
     return isinstance(module, _NORM_TYPES) or bool(_NORM_NAME.search(type(module).__name__))
-
-
-def _label(selector: Any) -> str:
-    if isinstance(selector, str):
-        return selector
-    if isinstance(selector, type):
-        return selector.__name__
-    if isinstance(selector, (list, tuple, set, frozenset)):
-        return "[" + ",".join(_label(s) for s in selector) + "]"
-    return getattr(selector, "__name__", type(selector).__name__)
 
 
 def _number(where: str, key: str, value: Any) -> float:
@@ -244,7 +234,7 @@ def _no_decay_ids(idx: ModelIndex, no_decay: Iterable[Any], warn: bool) -> set[i
         for entry in [*tokens, *types]:
             if entry not in used:
                 warnings.warn(
-                    f"no_decay entry {_label(entry)!r} matched no parameter of "
+                    f"no_decay entry {selector_label(entry)!r} matched no parameter of "
                     f"{idx.describe()}; check its spelling.",
                     UnusedRuleWarning,
                     stacklevel=3,
@@ -350,7 +340,7 @@ def param_groups(
             "layer below it lr x layer_decay**depth. Typical values: 0.65-0.9."
         )
     rule_list = [
-        (sel, _check_rule(f"rule {_label(sel)!r}", opts, optimizer))
+        (sel, _check_rule(f"rule {selector_label(sel)!r}", opts, optimizer))
         for sel, opts in _rules_list(rules)
     ]
     idx = ModelIndex(model)
@@ -364,13 +354,14 @@ def param_groups(
 
     # resolve every rule before deciding anything, so a bad selector fails first
     owner: dict[int, int] = {}  # param id -> rule index
+    param_by_name = dict(idx.param_aliases)
     for i, (sel, _) in enumerate(rule_list):
         picked = resolve(model, [sel], index=idx, allow_empty=False, what="rule")
         live = [p for p in picked.params if id(p) in trainable_ids]
         fresh = [p for p in live if id(p) not in owner]
         if not live:
             warnings.warn(
-                f"rule {_label(sel)!r} matches only frozen parameters "
+                f"rule {selector_label(sel)!r} matches only frozen parameters "
                 f"({len(picked.params)}: {', '.join(picked.param_names[:3])}"
                 f"{', ...' if len(picked.params) > 3 else ''}), so it changes nothing. Unfreeze "
                 "them first or drop the rule.",
@@ -379,14 +370,23 @@ def param_groups(
             )
         elif not fresh:
             warnings.warn(
-                f"rule {_label(sel)!r} changes nothing: every trainable parameter it matches "
-                "was already claimed by an earlier rule (the first matching rule wins). "
+                f"rule {selector_label(sel)!r} changes nothing: every trainable parameter it "
+                "matches was already claimed by an earlier rule (the first matching rule wins). "
                 "Reorder or drop it.",
                 UnusedRuleWarning,
                 stacklevel=2,
             )
         for p in fresh:
             owner[id(p)] = i
+        fresh_ids = {id(p) for p in fresh}
+        for inside, outside in picked.tied:
+            if id(param_by_name[inside]) in fresh_ids:
+                warnings.warn(
+                    f"rule {selector_label(sel)!r} reaches {inside!r}, which is tied to "
+                    f"{outside!r} (one tensor): its settings apply under both names.",
+                    TiedWeightWarning,
+                    stacklevel=2,
+                )
 
     no_decay = tuple(no_decay)
     nd_ids = _no_decay_ids(idx, no_decay, warn=no_decay != ("bias", "norm"))
@@ -407,7 +407,7 @@ def param_groups(
                 sel = getattr(level, "param_names", level)
                 names = resolve(model, [sel], index=idx, allow_empty=False,
                                 what="layers= level").param_names
-                levels.append((getattr(level, "name", None) or _label(sel), list(names)))
+                levels.append((getattr(level, "name", None) or selector_label(sel), list(names)))
         n_layers = len(levels)
         for i, (lname, names) in enumerate(levels):
             for pname in names:
@@ -433,7 +433,7 @@ def param_groups(
         else:
             p_lr = lr
         if rule_i is not None:
-            name_parts.append(_label(rule_list[rule_i][0]))
+            name_parts.append(selector_label(rule_list[rule_i][0]))
         if "lr" in opts:
             p_lr = opts["lr"]
         elif "lr_mult" in opts:

@@ -108,7 +108,8 @@ class GradualUnfreeze:
             for DDP models.
 
     Raises:
-        SelectionError: a selector matches nothing (checked for every epoch now,
+        SelectionError: a selector matches nothing, or a milestone is an empty
+            list, or selects only buffers (checked for every epoch now,
             not when its epoch comes).
         SchedulerError: the scheduler cannot be extended with new groups.
 

@@ -81,6 +81,7 @@ __all__ = [
     "require_module",
     "resolve",
     "select",
+    "selector_label",
     "unwrap",
     "wrapped_attr",
 ]
@@ -190,6 +191,17 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = model._modules[attr]  # type: ignore[assignment]
         seen += 1
     return model
+
+
+def selector_label(selector: Any) -> str:
+    """A short readable name for a selector (in group names and messages)."""
+    if isinstance(selector, str):
+        return selector
+    if isinstance(selector, type):
+        return selector.__name__
+    if isinstance(selector, (list, tuple, set, frozenset)):
+        return "[" + ",".join(selector_label(s) for s in selector) + "]"
+    return getattr(selector, "__name__", type(selector).__name__)
 
 
 def require_module(model: Any, func: str, arg: str = "model") -> None:
@@ -350,7 +362,9 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def _split_top_level(body: str) -> list[str]:
-    parts, depth, cur = [], 0, []
+    parts: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for ch in body:
         if ch == "{":
             depth += 1
@@ -439,13 +453,15 @@ def name_tests(pattern: str) -> list[tuple[str, str, Callable[[str], bool]]]:
         return [(pattern, pattern[3:], lambda n: rx.fullmatch(n) is not None)]
     tests = []
     for alt in expand_braces(pattern):
-        if _GLOB_CHARS.search(alt):
-            test: Callable[[str], bool] = lambda n, a=alt: fnmatch.fnmatchcase(n, a)  # noqa: E731
-        else:
-            test = lambda n, a=alt: n == a  # noqa: E731
         shown = pattern if alt == pattern else f"{alt}' (from '{pattern}"
-        tests.append((shown, alt, test))
+        tests.append((shown, alt, _name_test(alt)))
     return tests
+
+
+def _name_test(alt: str) -> Callable[[str], bool]:
+    if _GLOB_CHARS.search(alt):
+        return lambda n: fnmatch.fnmatchcase(n, alt)
+    return lambda n: n == alt
 
 
 def closest_names(names: list[str], needle: str) -> list[str]:
