@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true",
                       help="fewer articles and epochs, no gradual-unfreeze (about a minute)")
     demo.add_argument("--epochs", type=int, default=None, metavar="N",
-                      help="epochs per strategy (default: 4; --quick: 2)")
+                      help="epochs per strategy (default: 3; --quick: 2)")
     demo.add_argument("--strategies", metavar="LIST",
                       help="comma-separated subset of the task's strategies (default: all)")
     demo.add_argument("--out", default="torchfreeze-demo", metavar="DIR",
