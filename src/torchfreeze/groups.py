@@ -155,7 +155,7 @@ def _rules_list(rules: Any) -> list[tuple[Any, Any]]:
     if isinstance(rules, Sequence) and not isinstance(rules, str) and all(
         isinstance(r, (tuple, list)) and len(r) == 2 for r in rules
     ):
-        return [tuple(r) for r in rules]  # type: ignore[misc]
+        return [tuple(r) for r in rules]
     raise TorchfreezeError(
         f"rules must be an ordered mapping selector -> options (or a list of (selector, "
         f"options) pairs), got {type(rules).__name__}."
