@@ -40,7 +40,21 @@ BEGIN, END = "<!-- bench_real -->", "<!-- /bench_real -->"
 #: the rows, in the order they run within a seed; "hf-trainer" is the Trainer baseline
 ROWS = ["full-fine-tune", "hf-trainer", "partial-freeze", "linear-probe", "gradual-unfreeze"]
 #: bench-only rows (not in the demo): name -> dn.Strategy; ROWS names them to run them
-EXTRA: dict[str, dn.Strategy] = {}
+EXTRA: dict[str, dn.Strategy] = {
+    # issue 16: AutoFreeze without the cache, a FreezeOut-style fixed schedule through
+    # policy= (cached), and the monitor alone (a policy that never freezes)
+    "auto-freeze:nocache": dn.Strategy(
+        "auto-freeze:nocache", "AutoFreeze gradnorm, no cache",
+        lambda m, r: dn.auto_freeze_setup(m, r, cache=False)),
+    "freezeout": dn.Strategy(
+        "freezeout", "fixed schedule policy=freezeout_policy(recipe), cached",
+        lambda m, r: dn.auto_freeze_setup(m, r, policy=dn.freezeout_policy(r))),
+    "monitor-only": dn.Strategy(
+        "monitor-only", "AutoFreeze(policy=lambda s: 0): the monitor's cost",
+        lambda m, r: dn.auto_freeze_setup(m, r, policy=lambda s: 0, cache=False)),
+}
+#: issue 16's rows: `--rows full-fine-tune,auto-freeze,auto-freeze:nocache,freezeout,monitor-only`
+AUTO_ROWS = ["auto-freeze", "auto-freeze:nocache", "freezeout", "monitor-only"]
 TARGET_MARGIN = 0.005
 RECIPE = replace(dn.DEFAULT, shots=None, test=500, epochs=2, evals_per_epoch=2)
 
@@ -102,6 +116,8 @@ def run_seed(seed: int, rows: list[str], recipe: dn.Recipe) -> list[dict[str, An
                                     initial=initial)
             r = {"name": name, "test_accuracy": row.accuracy, "train_seconds": row.seconds,
                  "curve": row.curve, "verify": row.verify}
+            if "auto_freeze" in row.info:
+                r["auto_freeze"] = row.info["auto_freeze"]
         r["seed"], r["wall_seconds"] = seed, time.perf_counter() - t0
         print(json.dumps(r), flush=True)
         out.append(r)

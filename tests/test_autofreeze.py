@@ -595,3 +595,32 @@ def test_cache_old_prefix_never_runs_again() -> None:
     assert not model.bert.embeddings.dropout.training  # still pinned after the old cache closed
     af.close()
     assert af.caches == []
+
+
+def test_demo_auto_freeze_strategy_wires_autofreeze_into_the_shared_loop() -> None:
+    from torchfreeze import demo_news as dn
+
+    strategy = dn.STRATEGIES["auto-freeze"]
+    model = tiny_bert(num_labels=5)
+    setup = strategy.build(model, dn.QUICK)
+    assert setup.verify and setup.keys is not None and setup.after_step is not None
+    # the full fine-tune's optimizer: body and head groups, every parameter in one
+    assert len(setup.optimizer.param_groups) == 2
+    assert sum(len(g["params"]) for g in setup.optimizer.param_groups) == len(
+        list(model.parameters()))
+    x, y = _bert_batch(0)
+    for step in range(4):
+        with setup.keys(torch.arange(8)):
+            loss = nn.functional.cross_entropy(model(input_ids=x).logits, y % 5)
+        loss.backward()
+        setup.optimizer.step()
+        setup.after_step()
+        setup.optimizer.zero_grad()
+    setup.close()
+    info = setup.info["auto_freeze"]
+    assert info["interval"] == 2 and info["events"] == []  # gradnorm: too early to freeze
+    policy = dn.freezeout_policy(dn.QUICK)  # 3 epochs x 10 steps, groups freeze from t=0.5
+    groups = tuple("abcdefgh")
+    at = [policy(FreezeStats(step=t, frozen=0, grad_norms={}, groups=groups, interval=1,
+                             steps_in_interval=1)) for t in (15, 20, 25, 30)]
+    assert at == [0, 2, 4, 7]

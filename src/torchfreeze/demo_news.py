@@ -424,6 +424,51 @@ register(Strategy("from-scratch", "same architecture and recipe, random init",
 
 
 # ---------------------------------------------------------------------------
+# auto-freeze (issue 16): full fine-tuning that freezes a growing prefix
+
+
+#: AutoFreeze decisions per epoch (interval = steps per epoch / this)
+AUTO_DECISIONS_PER_EPOCH = 4
+
+
+def _steps_per_epoch(recipe: Recipe) -> int:
+    n = recipe.shots * 5 if recipe.shots is not None else 2225 - recipe.test
+    return -(-n // recipe.batch_size)
+
+
+def freezeout_policy(recipe: Recipe, t0: float = 0.5) -> Callable[[Any], int]:
+    """FreezeOut's linear schedule through ``policy=``: group k of the G-1 freezable
+    ones freezes at ``t0 + (1 - t0) * k / (G - 1)`` of training."""
+    total = recipe.epochs * _steps_per_epoch(recipe)
+    return lambda s: int((len(s.groups) - 1) * max(0.0, s.step / total - t0) / (1 - t0))
+
+
+def auto_freeze_setup(model: nn.Module, recipe: Recipe, *, policy: Any = "gradnorm",
+                      cache: bool = True) -> Setup:
+    """The full fine-tune's optimizer, with :class:`torchfreeze.AutoFreeze` stepping it."""
+    from . import AutoFreeze
+
+    setup = _plain_pytorch(model, recipe)  # the same AdamW groups as full-fine-tune
+    interval = max(2, _steps_per_epoch(recipe) // AUTO_DECISIONS_PER_EPOCH)
+    af = AutoFreeze(model, setup.optimizer, interval=interval, policy=policy, cache=cache)
+
+    def close() -> None:
+        setup.info["auto_freeze"] = {"interval": interval, "events": [list(e) for e in af.events],
+                                     "cache_hits": af.cache_hits,
+                                     "cache_misses": af.cache_misses}
+        af.close()
+
+    setup.keys = af.keys if cache else None
+    setup.after_step, setup.close, setup.verify = af.step, close, True
+    return setup
+
+
+register(Strategy("auto-freeze", "full fine-tune + tfz.AutoFreeze (gradnorm rule): freezes a "
+                  "growing prefix as it settles, cached with FeatureCache", auto_freeze_setup,
+                  quick=False))
+
+
+# ---------------------------------------------------------------------------
 # the shared loop
 
 
