@@ -609,7 +609,7 @@ def test_demo_auto_freeze_strategy_wires_autofreeze_into_the_shared_loop() -> No
     assert sum(len(g["params"]) for g in setup.optimizer.param_groups) == len(
         list(model.parameters()))
     x, y = _bert_batch(0)
-    for step in range(4):
+    for _ in range(4):
         with setup.keys(torch.arange(8)):
             loss = nn.functional.cross_entropy(model(input_ids=x).logits, y % 5)
         loss.backward()
