@@ -618,9 +618,12 @@ def test_demo_auto_freeze_strategy_wires_autofreeze_into_the_shared_loop() -> No
         setup.optimizer.zero_grad()
     setup.close()
     info = setup.info["auto_freeze"]
-    assert info["interval"] == 2 and info["events"] == []  # gradnorm: too early to freeze
-    policy = dn.freezeout_policy(dn.QUICK)  # 3 epochs x 10 steps, groups freeze from t=0.5
+    per_epoch = dn._steps_per_epoch(dn.QUICK)
+    assert info["interval"] == max(2, per_epoch // 4)
+    assert info["events"] == []  # gradnorm: 4 steps are too early to freeze anything
+    policy = dn.freezeout_policy(dn.QUICK)  # linear from half-way to the end
+    total = per_epoch * dn.QUICK.epochs
     groups = tuple("abcdefgh")
     at = [policy(FreezeStats(step=t, frozen=0, grad_norms={}, groups=groups, interval=1,
-                             steps_in_interval=1)) for t in (15, 20, 25, 30)]
-    assert at == [0, 2, 4, 7]
+                             steps_in_interval=1)) for t in (total // 2, 3 * total // 4, total)]
+    assert at == [0, 3, 7]
