@@ -28,7 +28,7 @@ demo: setup
 # what .ci/run calls: lint, types, the API reference (warnings are errors), the tests
 test: setup
 	$(PY) -m ruff check src tests bench examples
-	-$(PY) -m mypy
+	$(PY) -m mypy
 	$(PY) -m mkdocs build --strict -q
 	$(PY) -m pytest -n 2 -q
 

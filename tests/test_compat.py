@@ -145,3 +145,16 @@ def test_foreach_norm_matches_vector_norm(monkeypatch) -> None:
             monkeypatch.delattr(torch, "_foreach_norm")
             got = _compat.foreach_norm(ts)
         assert [float(g) for g in got] == pytest.approx([float(w) for w in want])
+
+
+def test_children_and_wrapper_hooks(gloo_group) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    inner = nn.Linear(2, 2)
+    m = nn.Sequential(inner)
+    m.add_module("again", inner)  # registered twice: both names are kept
+    assert list(_compat.child_modules(m)) == ["0", "again"]
+    ddp = DistributedDataParallel(nn.Linear(2, 2))
+    assert _compat.module_hooks(ddp) == []
+    ddp.register_forward_hook(lambda mod, args, out: None)
+    assert _compat.module_hooks(ddp) == ["_forward_hooks"]

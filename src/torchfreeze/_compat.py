@@ -38,6 +38,7 @@ __all__ = [
     "InstanceNormBase",
     "NormBase",
     "check_torch_version",
+    "child_modules",
     "child_schedulers",
     "ddp_bucket_caps",
     "ddp_comm_hooks",
@@ -47,6 +48,7 @@ __all__ = [
     "foreach_norm",
     "make_wrapper_subclass",
     "missing_private_apis",
+    "module_hooks",
     "own_buffers",
     "own_parameters",
     "pytree",
@@ -92,8 +94,10 @@ PRIVATE_APIS: dict[str, str] = {
     "LRScheduler._last_lr":
         "per-group last learning rates, extended with a new group (_optim.py)",
     "nn.Module._parameters / _buffers / _non_persistent_buffers_set / _modules":
-        "a module's own tensors by their registered names, including tied duplicates "
-        "and non-persistent buffers (select.py, groups.py, load.py, distributed.py)",
+        "a module's own tensors and children by their registered names, including tied "
+        "duplicates and non-persistent buffers (select.py, groups.py, load.py, norm.py)",
+    "nn.Module._forward_pre_hooks / _forward_hooks / ... (the hook dicts)":
+        "hooks on a DDP wrapper itself, which a re-built wrapper would lose (distributed.py)",
 }
 """Every private torch API torchfreeze uses -> why."""
 
@@ -193,6 +197,24 @@ def own_buffers(module: nn.Module) -> Iterator[tuple[str, torch.Tensor, bool]]:
             yield name, b, name not in skip
 
 
+def child_modules(module: nn.Module) -> dict[str, nn.Module]:
+    """``module``'s direct children by registered name, duplicates included (unlike
+    ``named_children()``, which drops a child registered twice)."""
+    return {name: m for name, m in module._modules.items() if m is not None}
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks",
+               "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks")
+
+
+def module_hooks(module: nn.Module) -> list[str]:
+    """Names of the hook dicts registered on ``module`` itself that are not empty."""
+    missing = [n for n in _HOOK_DICTS if not isinstance(getattr(module, n, None), dict)]
+    if missing:
+        raise unsupported(f"nn.Module.{missing[0]}", "hooks registered on a wrapper")
+    return [n for n in _HOOK_DICTS if getattr(module, n)]
+
+
 # ---------------------------------------------------------------------------
 # DistributedDataParallel internals
 
@@ -215,13 +237,16 @@ def ddp_comm_hooks(ddp: nn.Module) -> list[tuple[Any, Any]]:
     return list(hooks)
 
 
-def ddp_delays_all_reduce(ddp: nn.Module) -> bool:
-    """Whether ``ddp`` delays the all-reduce of some or all parameters."""
+def ddp_delays_all_reduce(ddp: nn.Module, *, all_params: bool = False) -> bool:
+    """Whether ``ddp`` delays the all-reduce of some (or, with ``all_params``, all)
+    parameters."""
     missing = [a for a in ("_delay_all_reduce_params", "_delay_all_reduce_all_params")
                if not hasattr(ddp, a)]
     if missing:
         raise unsupported(f"DistributedDataParallel.{missing[0]}",
                           "parameters whose all-reduce DDP delays")
+    if all_params:
+        return bool(ddp._delay_all_reduce_all_params)
     return bool(ddp._delay_all_reduce_params or ddp._delay_all_reduce_all_params)
 
 

@@ -62,7 +62,7 @@ import numbers
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, Union
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Union
 
 import torch
 from torch import nn
@@ -72,7 +72,10 @@ from ._report import Report
 from .errors import FreezeStateError, TorchfreezeError
 from .freeze import freeze
 from .norm import _PinnedEval
-from .select import ModelIndex, Selector, resolve
+from .select import ModelIndex, resolve
+
+if TYPE_CHECKING:  # imported on first use: AutoFreeze without cache=True never needs it
+    from .cache import FeatureCache
 
 __all__ = ["AutoFreeze", "FreezeStats", "GradNormRule", "IntervalRecord"]
 
@@ -414,7 +417,7 @@ class AutoFreeze:
         self.events: list[tuple[int, str]] = []
         self.history: list[IntervalRecord] = []
         self.freed_bytes: int = 0
-        self._caches: list[Any] = []
+        self._caches: list[FeatureCache] = []
         self._retired: tuple[int, int] = (0, 0)
         self._pinned: list[nn.Module] = []
 
@@ -610,7 +613,7 @@ class AutoFreeze:
         self._retire_caches()
 
     @property
-    def caches(self) -> list[Any]:
+    def caches(self) -> list[FeatureCache]:
         """The active :class:`~torchfreeze.FeatureCache` objects, oldest boundary first."""
         return list(self._caches)
 
@@ -784,7 +787,7 @@ def _resolve_groups(
         else:
             name = item if isinstance(item, str) else f"group{i}"
             sel = item
-        names = list(resolve(module, [_as_selector(sel)], index=idx, allow_empty=False,
+        names = list(resolve(module, [sel], index=idx, allow_empty=False,
                              what="layers= entry").param_names)
         names = [n for n in names if idx.params[n].is_floating_point() or
                  idx.params[n].is_complex()]
@@ -804,10 +807,6 @@ def _resolve_groups(
             "explicitly, e.g. layers=['backbone', 'head']."
         )
     return groups
-
-
-def _as_selector(sel: Any) -> Selector:
-    return sel  # type: ignore[no-any-return]
 
 
 def _check_scheduler(scheduler: Any, opt: Any) -> None:

@@ -55,6 +55,7 @@ from rich.table import Table
 from rich.text import Text
 from torch import nn
 
+from ._compat import ddp_delays_all_reduce, ddp_logging_data
 from ._report import Report
 from .errors import CheckError, ModelTypeError, TorchfreezeError
 from .norm import FrozenBatchNorm, bn_policy, is_batchnorm
@@ -109,7 +110,7 @@ class Finding:
 
 
 @dataclass(frozen=True)
-class Diagnosis(Report, Sequence):  # type: ignore[misc]
+class Diagnosis(Report, Sequence["Finding"]):
     """What :func:`check` found: a sequence of :class:`Finding`, errors first.
 
     Attributes:
@@ -423,7 +424,7 @@ def _check_optimizer_params(
 ) -> list[Finding]:
     out: list[Finding] = []
     many = len(optimizers) > 1
-    foreign: list[tuple[str, int]] = []
+    foreign: list[tuple[str, tuple[int, ...]]] = []
     for oi, opt in enumerate(optimizers):
         real = _unwrap_optimizer(opt)
         for gi, group in enumerate(opt.param_groups):
@@ -436,7 +437,7 @@ def _check_optimizer_params(
             for p in group["params"]:
                 name = idx.param_name.get(id(p))
                 if name is None:
-                    foreign.append((label, tuple(p.shape)))  # type: ignore[arg-type]
+                    foreign.append((label, tuple(p.shape)))
                     continue
                 if p.requires_grad:
                     continue
@@ -696,12 +697,12 @@ def _ddp_registered(ddp: Any) -> tuple[int, int] | None:
     construction (``num_parameter_tensors``, ``total_parameter_size_bytes``)
     are exactly those of ``_build_params_for_reducer()`` at that time.
     """
-    if getattr(ddp, "_delay_all_reduce_all_params", False) or not hasattr(ddp, "logger"):
+    if ddp_delays_all_reduce(ddp, all_params=True) or not hasattr(ddp, "logger"):
         return None
     try:
-        data = ddp._get_ddp_logging_data()
+        data = ddp_logging_data(ddp)
         return int(data["num_parameter_tensors"]), int(data["total_parameter_size_bytes"])
-    except Exception:  # pragma: no cover - torch changed its logging data
+    except (KeyError, TypeError, ValueError):  # pragma: no cover - its logged keys changed
         return None
 
 

@@ -86,7 +86,8 @@ class DigitNet(nn.Module):
         self.head = nn.Linear(64 * 2 * 2, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        out: torch.Tensor = self.head(self.backbone(x))
+        return out
 
 
 def _require_demo_extra() -> Any:
@@ -130,7 +131,7 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     was = model.training
     model.eval()
     with torch.no_grad():
-        acc = (model(x).argmax(1) == y).float().mean().item()
+        acc = float((model(x).argmax(1) == y).float().mean())
     model.train(was)
     return acc
 

@@ -69,6 +69,7 @@ from ._compat import (
     ddp_comm_hooks,
     ddp_delays_all_reduce,
     ddp_logging_data,
+    module_hooks,
     refresh_fsdp_grad_dtypes,
 )
 from .errors import DistributedFreezeError, TorchfreezeError
@@ -130,12 +131,7 @@ def construction_kwargs(ddp: DistributedDataParallel) -> dict[str, Any]:
         problems.append("delay_all_reduce_named_params= / param_to_hook_all_reduce=")
     if getattr(ddp, "buffer_hook", None) is not None:
         problems.append("a buffer communication hook (_register_buffer_comm_hook)")
-    own_hooks = [
-        name
-        for name in ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks",
-                     "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks")
-        if getattr(ddp, name, None)
-    ]
+    own_hooks = module_hooks(ddp)
     if own_hooks:
         problems.append(f"hooks registered on the wrapper itself ({', '.join(own_hooks)})")
     problems += _comm_hook_problems(ddp)

@@ -9,7 +9,10 @@ the model, optimizer and files are exactly as they were.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # errors.py imports nothing of ours at run time
+    from .load import LoadReport
 
 __all__ = [
     "CacheError",
@@ -53,7 +56,14 @@ class ModelTypeError(TorchfreezeError, TypeError):
 
 
 class LoadError(TorchfreezeError):
-    """A checkpoint could not be loaded; the model was left untouched."""
+    """A checkpoint could not be loaded; the model was left untouched.
+
+    Attributes:
+        report: when the checkpoint was read but nothing (or not enough) fit, the
+            :class:`~torchfreeze.LoadReport` of what would have loaded and why not.
+    """
+
+    report: LoadReport | None = None
 
 
 class DistributedFreezeError(TorchfreezeError):

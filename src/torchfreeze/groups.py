@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._compat import NormBase
+from ._compat import NormBase, own_parameters
 from .errors import TiedWeightWarning, TorchfreezeError, UnusedRuleWarning
 from .select import ModelIndex, require_module, resolve, selector_label
 
@@ -71,7 +71,7 @@ def _torch_optimizer_keys() -> frozenset[str]:
 
 def _signature_keys(cls: type) -> set[str]:
     try:
-        params = inspect.signature(cls.__init__).parameters  # type: ignore[misc]
+        params = inspect.signature(cls).parameters  # the constructor's, without self
     except (TypeError, ValueError):  # pragma: no cover - a C-implemented optimizer
         return set()
     return {
@@ -155,7 +155,7 @@ def _rules_list(rules: Any) -> list[tuple[Any, Any]]:
     if isinstance(rules, Sequence) and not isinstance(rules, str) and all(
         isinstance(r, (tuple, list)) and len(r) == 2 for r in rules
     ):
-        return [tuple(r) for r in rules]
+        return [(r[0], r[1]) for r in rules]
     raise TorchfreezeError(
         f"rules must be an ordered mapping selector -> options (or a list of (selector, "
         f"options) pairs), got {type(rules).__name__}."
@@ -209,7 +209,7 @@ def _no_decay_ids(idx: ModelIndex, no_decay: Iterable[Any], warn: bool) -> set[i
     out: set[int] = set()
     used: set[str | type] = set()
     for mname, module in idx.modules.items():
-        own = [(k, p) for k, p in module._parameters.items() if p is not None]
+        own = list(own_parameters(module))
         if not own:
             continue
         path = mname.split(".") if mname else []
@@ -428,7 +428,8 @@ def param_groups(
         name_parts: list[str] = []
         if id(p) in depth_of:
             level, lname = depth_of[id(p)]
-            p_lr = lr * layer_decay ** (n_layers - 1 - level)  # type: ignore[operator]
+            decay = 1.0 if layer_decay is None else layer_decay  # depth_of is empty without it
+            p_lr = lr * decay ** (n_layers - 1 - level)
             name_parts.append(lname)
         else:
             p_lr = lr

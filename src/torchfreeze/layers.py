@@ -36,6 +36,8 @@ from .select import ModelIndex, require_module
 __all__ = ["Layer", "layers"]
 
 
+_Kind = Literal["stem", "block", "head"]
+
 @dataclass(frozen=True)
 class Layer(Report):
     """One depth level of a model.
@@ -192,8 +194,9 @@ def layers(model: nn.Module, example_inputs: Any = None) -> list[Layer]:
         for m in idx.modules.values():
             for p in m.parameters(recurse=False):
                 pos = order.get(id(m))
-                if id(p) in owner and owner[id(p)] is not None and pos is not None:
-                    pos = max(pos, owner[id(p)])  # type: ignore[type-var]  # tied: last use
+                prev = owner.get(id(p))
+                if prev is not None and pos is not None:
+                    pos = max(pos, prev)  # tied: the last use decides
                 owner[id(p)] = pos if pos is not None else owner.get(id(p))
         first_block = min(
             (order[id(idx.modules[n])] for n in stack.children if id(idx.modules[n]) in order),
@@ -260,7 +263,7 @@ def _assemble(
     out: list[Layer] = []
     seen: set[int] = set()
 
-    def add(name: str, kind: str, members: list[tuple[str, nn.Parameter]]) -> None:
+    def add(name: str, kind: _Kind, members: list[tuple[str, nn.Parameter]]) -> None:
         members = [(n, p) for n, p in members if id(p) not in seen]
         if not members:
             return
@@ -269,7 +272,7 @@ def _assemble(
             Layer(
                 index=len(out),
                 name=name,
-                kind=kind,  # type: ignore[arg-type]
+                kind=kind,
                 param_names=tuple(n for n, _ in members),
                 num_params=sum(p.numel() for _, p in members),
             )
@@ -287,6 +290,7 @@ def _assemble(
     add(label(stem, "stem"), "stem", stem)
     for i, (name, ids) in enumerate(blocks):
         members = [(n, p) for n, p in params if id(p) in ids]
+        kind: _Kind
         if kinds is None:
             kind = "stem" if i == 0 and len(blocks) > 1 else (
                 "head" if i == len(blocks) - 1 and len(blocks) > 1 else "block"

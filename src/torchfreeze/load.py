@@ -37,6 +37,7 @@ from ._checkpoint import (
     read_checkpoint,
     read_state_dict,
 )
+from ._compat import own_buffers, own_parameters
 from ._report import Report, fmt_count, short_path
 from .errors import LoadError
 from .select import ModelIndex, Selector, require_module, resolve
@@ -200,13 +201,10 @@ def _targets(model: nn.Module, idx: ModelIndex) -> dict[str, _Target]:
     out: dict[str, _Target] = {}
     for mname, module in idx.module_aliases:
         prefix = f"{mname}." if mname else ""
-        for pname, p in module._parameters.items():
-            if p is not None:
-                out[prefix + pname] = _Target(idx.param_name[id(p)], p, True, True)
-        for bname, b in module._buffers.items():
-            if b is not None:
-                persistent = bname not in module._non_persistent_buffers_set
-                out[prefix + bname] = _Target(idx.buffer_name[id(b)], b, False, persistent)
+        for pname, p in own_parameters(module):
+            out[prefix + pname] = _Target(idx.param_name[id(p)], p, True, True)
+        for bname, b, persistent in own_buffers(module):
+            out[prefix + bname] = _Target(idx.buffer_name[id(b)], b, False, persistent)
     return out
 
 
@@ -708,7 +706,7 @@ def _refuse(
 
 
 def _with_report(err: LoadError, report: LoadReport) -> LoadError:
-    err.report = report  # type: ignore[attr-defined]
+    err.report = report
     return err
 
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ._compat import BatchNormBase, InstanceNormBase, NormBase
+from ._compat import BatchNormBase, InstanceNormBase, NormBase, child_modules
 from .errors import SelectionError, TorchfreezeError
 from .select import Selector, require_module, resolve
 
@@ -291,7 +291,7 @@ def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
     # by identity: every parent that holds it (under any alias, inside any wrapper
     # such as torch.compile's _orig_mod) gets the new one
     for parent in list(model.modules()):
-        for child_name, child in list(parent._modules.items()):
+        for child_name, child in list(child_modules(parent).items()):
             if child is old:
                 setattr(parent, child_name, new)
 

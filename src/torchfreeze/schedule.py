@@ -21,7 +21,7 @@ from __future__ import annotations
 import numbers
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard
 
 import torch
 from torch import nn
@@ -41,13 +41,17 @@ from .freeze import (
 from .norm import BN_POLICIES, BNPolicy, set_bn_policy
 from .select import ModelIndex, Selector, require_module, resolve
 
+if TYPE_CHECKING:
+    from torch.nn.parallel import DistributedDataParallel
+
 __all__ = ["FineTune", "GradualUnfreeze", "fine_tune_schedule"]
 
 STATE_FORMAT = "torchfreeze.gradual_unfreeze"
 STATE_VERSION = 1
 
 
-def _is_ddp(model: nn.Module) -> bool:
+def _is_ddp(model: nn.Module) -> TypeGuard[DistributedDataParallel]:
+    # imported here: torch.nn.parallel pulls in torch.distributed machinery
     from torch.nn.parallel import DistributedDataParallel
 
     return isinstance(model, DistributedDataParallel)

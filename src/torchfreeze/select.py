@@ -68,6 +68,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from ._compat import child_modules, own_buffers, own_parameters
 from ._report import fmt_count
 from .errors import ModelTypeError, SelectionError
 
@@ -164,7 +165,7 @@ def wrapped_attr(module: nn.Module) -> str | None:
     checkpointing's ``CheckpointWrapper`` (``_checkpoint_wrapped_module``).
     FSDP2 (``fully_shard``) changes the class in place and keeps the names.
     """
-    kids = module._modules
+    kids = child_modules(module)
     if "_orig_mod" in kids and type(module).__name__ == "OptimizedModule":
         return "_orig_mod"
     if "module" in kids and isinstance(
@@ -188,7 +189,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     """
     seen = 0
     while (attr := wrapped_attr(model)) is not None and seen < 8:
-        model = model._modules[attr]  # type: ignore[assignment]
+        model = child_modules(model)[attr]
         seen += 1
     return model
 
@@ -252,18 +253,14 @@ class ModelIndex:
             elif id(module) not in self.module_name:
                 self.module_name[id(module)] = clean
                 self.modules[clean] = module
-            for pname, p in module._parameters.items():
-                if p is None:
-                    continue
+            for pname, p in own_parameters(module):
                 for mname in names:
                     self.param_aliases.append((f"{mname}.{pname}" if mname else pname, p))
                 if id(p) not in self.param_name:
                     full = f"{clean}.{pname}" if clean else pname
                     self.param_name[id(p)] = full
                     self.params[full] = p
-            for bname, b in module._buffers.items():
-                if b is None:
-                    continue
+            for bname, b, _ in own_buffers(module):
                 for mname in names:
                     self.buffer_aliases.append((f"{mname}.{bname}" if mname else bname, b))
                 if id(b) not in self.buffer_name:
@@ -301,9 +298,7 @@ def _walk(model: nn.Module) -> Iterator[tuple[str, str, nn.Module, bool]]:
         attr = wrapped_attr(module)
         yield raw, clean, module, attr is not None
         kids = []
-        for name, child in module._modules.items():
-            if child is None:
-                continue
+        for name, child in child_modules(module).items():
             child_raw = f"{raw}.{name}" if raw else name
             if name == attr:
                 child_clean = clean

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from rich.console import Group, RenderableType
+from rich.console import Group, JustifyMethod, RenderableType
 from rich.table import Table
 from rich.text import Text
 from torch import nn
@@ -61,9 +61,11 @@ class Summary(Report):
     def _rich(self) -> RenderableType:
         with_opt = self.num_groups is not None
         table = Table(title="torchfreeze summary", title_justify="left")
-        for col, justify in (("layer", "left"), ("kind", "left"), ("trainable", "right"),
-                             ("frozen", "right"), ("BatchNorm", "left")):
-            table.add_column(col, justify=justify)  # type: ignore[arg-type]
+        columns: tuple[tuple[str, JustifyMethod], ...] = (
+            ("layer", "left"), ("kind", "left"), ("trainable", "right"), ("frozen", "right"),
+            ("BatchNorm", "left"))
+        for col, justify in columns:
+            table.add_column(col, justify=justify)
         if with_opt:
             for col in ("group", "lr", "wd"):
                 table.add_column(col)

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import FreezeStateError, SelectionError, TorchfreezeError
 from ..freeze import _check_bn
+from ..norm import BNPolicy
 from ..select import Selector, resolve
 
 __all__: list[str] = []
@@ -36,7 +37,7 @@ class _Plan:
         freeze: Selector | None,
         schedule: Mapping[int, Selector] | None,
         *,
-        bn: str,
+        bn: BNPolicy,
         lr: float | None,
         lr_mult: float | None,
     ) -> None:
@@ -111,7 +112,7 @@ class _Plan:
         return applied
 
 
-def _state(applied: list[int], freeze_state: dict[str, Any]) -> dict[str, Any]:
+def _state(applied: list[int], freeze_state: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,

@@ -120,7 +120,7 @@ class FreezeCallback(Callback):
         self.unfreezer = None
         self._pending = None
         if self._plan.to_freeze():
-            _freeze(pl_module, self._plan.to_freeze(), bn=self._plan.bn)  # type: ignore[arg-type]
+            _freeze(pl_module, self._plan.to_freeze(), bn=self._plan.bn)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -142,10 +142,15 @@ class FreezeCallback(Callback):
         strategy = trainer.strategy
         if self._plan.schedule:
             optimizer = self._optimizer(trainer)
+            if strategy.model is None:  # Lightning sets it before on_fit_start
+                raise TorchfreezeError(
+                    "FreezeCallback: the Lightning strategy has no model at on_fit_start; "
+                    "pass the callback to pl.Trainer(callbacks=[...]) and call trainer.fit()."
+                )
             self.unfreezer = GradualUnfreeze(
                 strategy.model, optimizer, self._plan.schedule, lr=self._plan.lr,
                 lr_mult=self._plan.lr_mult, scheduler=self._scheduler(trainer, optimizer),
-                bn=self._plan.bn,  # type: ignore[arg-type]
+                bn=self._plan.bn,
             )
             if pending is not None and pending.get("unfreeze") is not None:
                 # re-adds the checkpoint's groups (re-wrapping under DDP) before

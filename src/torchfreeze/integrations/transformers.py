@@ -35,6 +35,7 @@ import sys
 import warnings
 import weakref
 from collections.abc import Mapping
+from types import FrameType
 from typing import Any
 
 import torch
@@ -105,7 +106,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
 
     def state(self) -> dict[str, Any]:
         fs = freeze_state(self._model) if self._model is not None else None
-        return {"args": {}, "attributes": {"tfz_state": _state(self.applied, fs)}}  # type: ignore[arg-type]
+        return {"args": {}, "attributes": {"tfz_state": _state(self.applied, fs)}}
 
     # -- events -------------------------------------------------------------
 
@@ -121,7 +122,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
         self._model = model
         self.applied = []
         if self._plan.to_freeze():
-            _freeze(model, self._plan.to_freeze(), bn=self._plan.bn)  # type: ignore[arg-type]
+            _freeze(model, self._plan.to_freeze(), bn=self._plan.bn)
         trainer = _calling_trainer()
         if trainer is not None:
             self._trainer = weakref.ref(trainer)
@@ -200,6 +201,11 @@ class FreezeCallback(TrainerCallback, ExportableState):
             if e not in self.applied:
                 self._apply(e, opt, None, trainer.args)
         if st.get("freeze_state") is not None:
+            if self._model is None:  # on_init_end records it before any resume
+                raise TorchfreezeError(
+                    "FreezeCallback cannot restore the freeze state: it never saw the "
+                    "model. Pass it in Trainer(callbacks=[...]), not add_callback() later."
+                )
             load_freeze_state(self._model, st["freeze_state"])
 
     def _apply(self, epoch: int, optimizer: Any, scheduler: Any, args: Any) -> None:
@@ -257,10 +263,10 @@ def _check_args(args: Any) -> None:
             )
 
 
-def _calling_trainer() -> Any:
+def _calling_trainer() -> Trainer | None:
     """The Trainer whose ``__init__`` fired ``on_init_end`` (callbacks get no reference
     to it, and it is needed to hook ``create_optimizer`` for resume)."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     for _ in range(16):
         if frame is None:
             return None
@@ -386,7 +392,9 @@ class AutoFreezeCallback(TrainerCallback, ExportableState):
             self._build(ref(), optimizer)
             return optimizer
 
-        trainer.create_optimizer = create_optimizer
+        # patched on this instance only (mypy forbids assigning to a method): the
+        # Trainer builds its optimizer in train(), after every callback hook we get
+        trainer.create_optimizer = create_optimizer  # type: ignore[method-assign]
         setattr(trainer, _AUTO_PATCHED, weakref.ref(self))
 
     def _build(self, trainer: Any, optimizer: Any) -> None:
