@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -51,11 +51,14 @@ __all__ = [
     "module_hooks",
     "own_buffers",
     "own_parameters",
+    "own_tensor_dicts",
     "pytree",
     "refresh_fsdp_grad_dtypes",
     "supported_torch",
     "unsupported",
 ]
+
+_T = TypeVar("_T", bound=torch.Tensor)
 
 MIN_TORCH = (2, 13)
 """The oldest torch this release declares (``torch>=2.13`` in pyproject)."""
@@ -168,14 +171,18 @@ disabled_torch_function: Any = getattr(torch._C, "_disabled_torch_function_impl"
 """Set as ``__torch_function__`` of a tensor subclass that only implements dispatch."""
 
 
-def make_wrapper_subclass(cls: type, shape: tuple[int, ...], stride: tuple[int, ...] | None,
-                          *, dtype: torch.dtype, device: torch.device) -> Any:
+def make_wrapper_subclass(cls: type[_T], shape: tuple[int, ...],
+                          stride: tuple[int, ...] | None,
+                          *, dtype: torch.dtype, device: torch.device) -> _T:
     """A tensor of subclass ``cls`` with this metadata and no storage of its own."""
     make = getattr(torch.Tensor, "_make_wrapper_subclass", None)
     if make is None or disabled_torch_function is None:
         raise unsupported("torch.Tensor._make_wrapper_subclass",
                           "the placeholder a FeatureCache returns for a skipped prefix")
-    return make(cls, shape, stride, dtype=dtype, device=device, requires_grad=False)
+    made = make(cls, shape, stride, dtype=dtype, device=device, requires_grad=False)
+    if not isinstance(made, cls):  # pragma: no cover - torch changed what it returns
+        raise unsupported("torch.Tensor._make_wrapper_subclass", "a tensor of our subclass")
+    return made
 
 
 # ---------------------------------------------------------------------------
@@ -195,6 +202,12 @@ def own_buffers(module: nn.Module) -> Iterator[tuple[str, torch.Tensor, bool]]:
     for name, b in module._buffers.items():
         if b is not None:
             yield name, b, name not in skip
+
+
+def own_tensor_dicts(module: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The dicts holding ``module``'s own parameters and buffers (live: entries
+    registered later show up, which is what change detection needs)."""
+    return module._parameters, module._buffers
 
 
 def child_modules(module: nn.Module) -> dict[str, nn.Module]:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._compat import pytree
+from .._compat import own_tensor_dicts, pytree
 from ..errors import CacheError
 from ..norm import _PinnedEval, is_batchnorm
 from ._hook import (
@@ -225,6 +225,7 @@ def _progress(loader: Iterable[Any], *, enabled: bool) -> Iterator[Callable[[int
     dataset = getattr(loader, "dataset", None)
     sampler = getattr(loader, "sampler", None)
     with contextlib.suppress(TypeError):
+        # a Sampler's __len__ is optional (its stub has none): TypeError when it lacks one
         total = len(sampler) if sampler is not None else len(dataset)  # type: ignore[arg-type]
     columns = (TextColumn("fill"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
                Rate(),
@@ -526,7 +527,7 @@ class FeatureCache:
         return sum(len(ns.storage) for ns in self._namespaces.values() if ns.storage is not None)
 
     def __contains__(self, sample_id: object) -> bool:
-        return any(sample_id in ns.storage for ns in self._namespaces.values()  # type: ignore[operator]
+        return any(sample_id in ns.storage for ns in self._namespaces.values()
                    if ns.storage is not None)
 
     def __repr__(self) -> str:
@@ -1239,7 +1240,7 @@ class FeatureCache:
         self._random: list[tuple[nn.Module, nn.Module]] = []
         for top in self._watch:
             for m in top.modules():
-                self._tensor_dicts += (m._parameters, m._buffers)
+                self._tensor_dicts += own_tensor_dicts(m)
                 if isinstance(m, _DROPOUT) or is_batchnorm(m):
                     self._random.append((top, m))
         self._tensors = [t for d in self._tensor_dicts for t in d.values() if t is not None]

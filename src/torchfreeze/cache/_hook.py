@@ -256,11 +256,12 @@ class Placeholder(torch.Tensor):
         t._clock = clock
         t._tick = clock.tick
         t._source = source
-        return t  # type: ignore[no-any-return]
+        return t
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
 
+    # torch's stub lists tensor_contents as positional-or-keyword; ours never gets it
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         return (f"Placeholder(shape={tuple(self.shape)}, dtype={self.dtype}, "
                 f"output of {self._source!r}, skipped by a FeatureCache)")
@@ -268,6 +269,7 @@ class Placeholder(torch.Tensor):
     __torch_function__ = disabled_torch_function
 
     @classmethod
+    # the stub declares __torch_dispatch__ as a plain attribute of Tensor
     def __torch_dispatch__(  # type: ignore[override]
         cls, func: Any, types: Any, args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,

@@ -168,6 +168,7 @@ class SharedLog:
                 end = size - size % _RECORD
                 if end != size:  # a writer died mid-record: cut the torn tail
                     os.ftruncate(self._log, end)
+                # an ndarray is a buffer; numpy's stubs do not say so to memoryview
                 data = memoryview(records.numpy()).cast("B")  # type: ignore[arg-type]
                 done = 0
                 while done < len(data):
@@ -347,7 +348,8 @@ def load_structure(directory: str) -> dict[str, Any] | None:
     # Our own file (output classes, pytree specs): not a tensor-only checkpoint.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's pytree LeafSpec deprecation
-        return torch.load(target, weights_only=False)  # type: ignore[no-any-return]
+        structure: dict[str, Any] = torch.load(target, weights_only=False)
+        return structure
 
 
 def open_meta(directory: str, meta: StoreMeta, *, overwrite: bool = False) -> bool:

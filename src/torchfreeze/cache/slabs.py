@@ -143,6 +143,7 @@ class DiskSlab:
         data = _as_bytes(rows.to(self.dtype)).numpy()
         rb = self.row_nbytes
         for pos, slot, length in runs(slots.tolist()):
+            # an ndarray is a buffer; numpy's stubs do not say so to memoryview
             view = memoryview(data[pos:pos + length]).cast("B")  # type: ignore[arg-type]
             offset, done = slot * rb, 0
             while done < len(view):  # pwrite may write less than asked (signals, 2 GiB cap)
@@ -160,6 +161,7 @@ class DiskSlab:
         if buf is None or rb == 0:
             return out
         for pos, slot, length in runs(slots.tolist()):
+            # an ndarray is a buffer; numpy's stubs do not say so to memoryview
             view = memoryview(buf[pos:pos + length]).cast("B")  # type: ignore[arg-type]
             offset, done = slot * rb, 0
             while done < len(view):
