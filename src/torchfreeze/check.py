@@ -329,6 +329,10 @@ def check(
     Returns:
         A :class:`Diagnosis`: a sequence of :class:`Finding`, errors first.
 
+    Raises:
+        ModelTypeError: ``model`` is not an ``nn.Module``.
+        TorchfreezeError: ``optimizer`` is not a torch optimizer (or a list of them).
+
     Example:
         >>> import torch, torch.nn as nn, torchfreeze as tfz
         >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))

@@ -168,6 +168,14 @@ def unfreeze(
     ``scheduler`` that group is registered with the LR scheduler too. Existing
     optimizer state is kept. Everything is validated before anything changes.
 
+    Raises:
+        ModelTypeError: ``model`` is not an ``nn.Module``.
+        SelectionError: a selector matches nothing (nothing is changed).
+        TorchfreezeError: ``lr``/``lr_mult``/``scheduler`` without ``optimizer``, or
+            both ``lr`` and ``lr_mult``.
+        SchedulerError: ``scheduler`` cannot be extended by the new group (nothing
+            is changed).
+
     Example:
         >>> import torch, torch.nn as nn, torchfreeze as tfz
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
@@ -264,6 +272,11 @@ def frozen(
     partly frozen and also when the block raises. Gradients cleared on entry
     stay cleared (a stale gradient is never brought back).
 
+    Raises:
+        ModelTypeError: ``model`` is not an ``nn.Module``.
+        SelectionError: a selector matches nothing (nothing is changed).
+        TorchfreezeError: ``bn`` is not one of ``"eval"``, ``"train"``, ``"stats"``.
+
     Example:
         >>> import torch.nn as nn, torchfreeze as tfz
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
@@ -341,6 +354,9 @@ def freeze_state(model: nn.Module) -> dict[str, Any]:
     Holds the names of frozen parameters and the BN policy of each layer that
     has one. Store it next to the model's state_dict (which does not record
     ``requires_grad``) and restore it with :func:`load_freeze_state`.
+
+    Raises:
+        ModelTypeError: ``model`` is not an ``nn.Module``.
 
     Example:
         >>> import json, torch.nn as nn, torchfreeze as tfz

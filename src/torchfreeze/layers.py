@@ -156,6 +156,9 @@ def layers(model: nn.Module, example_inputs: Any = None) -> list[Layer]:
     keyword inputs) the model runs once under ``torch.no_grad()`` and the
     groups follow execution order instead of registration order.
 
+    Raises:
+        ModelTypeError: ``model`` is not an ``nn.Module``.
+
     Example:
         >>> import torch.nn as nn, torchfreeze as tfz
         >>> net = nn.Sequential(nn.Embedding(10, 4),

@@ -118,6 +118,9 @@ def summary(
         depth: instead of layer groups (:func:`torchfreeze.layers`), one row per
             module prefix of ``depth`` dotted parts.
 
+    Raises:
+        ModelTypeError: ``model`` is not an ``nn.Module``.
+
     Example:
         >>> import torch.nn as nn, torchfreeze as tfz
         >>> net = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 2))
