@@ -49,3 +49,14 @@ def test_summary_by_depth() -> None:
     s = tfz.summary(tiny_bert(num_layers=2), depth=2)
     assert [r.name for r in s.rows] == ["bert.embeddings", "bert.encoder", "bert.pooler",
                                         "classifier"]
+
+
+def test_summary_refuses_a_non_optimizer_clearly() -> None:
+    import pytest
+    import torch.nn as nn
+
+    import torchfreeze as tfz
+
+    net = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(tfz.TorchfreezeError, match=r"optimizer must be a torch optimizer.*int"):
+        tfz.summary(net, 1)  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ from rich.text import Text
 from torch import nn
 
 from ._report import Report, fmt_count
+from .errors import TorchfreezeError
 from .norm import bn_policy, is_batchnorm
 from .select import ModelIndex, require_module
 
@@ -120,6 +121,7 @@ def summary(
 
     Raises:
         ModelTypeError: ``model`` is not an ``nn.Module``.
+        TorchfreezeError: ``optimizer`` has no ``param_groups``.
 
     Example:
         >>> import torch.nn as nn, torchfreeze as tfz
@@ -148,6 +150,11 @@ def summary(
     group_of: dict[int, list[int]] = {}
     groups: list[dict[str, Any]] = []
     if optimizer is not None:
+        if not isinstance(getattr(optimizer, "param_groups", None), list):
+            raise TorchfreezeError(
+                f"tfz.summary(): optimizer must be a torch optimizer (something with "
+                f".param_groups), got {type(optimizer).__name__}. Pass optimizer=opt."
+            )
         groups = list(optimizer.param_groups)
         for gi, g in enumerate(groups):
             for p in g["params"]:
