@@ -45,7 +45,7 @@ docs: setup
 bench: setup
 	$(PY) bench/run_all.py
 
-# the BBC News job at full size, 3 seeds (~25 min on 2 cores; not in CI)
+# the BBC News job at full size, 3 seeds (~50 min on 2 cores; not in CI)
 bench-real: setup
 	$(PY) bench/bench_real.py
 

@@ -78,55 +78,33 @@ def test_lightning_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
         assert torch.equal(a, b), name
 
 
-def test_lightning_callback_rejects_unknown_options() -> None:
+@pytest.mark.parametrize("integration", ["lightning", "transformers"])
+def test_callbacks_reject_unknown_options_naming_the_valid_ones(integration: str) -> None:
+    import importlib
+
     from torchfreeze.errors import TorchfreezeError
 
-    with pytest.raises(TorchfreezeError, match="patience"):
-        AutoFreezeCallback(patiense=3)
+    module = importlib.import_module(f"torchfreeze.integrations.{integration}")
+    with pytest.raises(TorchfreezeError, match=r"\['patiense'\].*patience=.*normalize="):
+        module.AutoFreezeCallback(patiense=3)
 
 
 # ---------------------------------------------------------------------------
 # Hugging Face Trainer
 
 
-def _hf_model():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                     intermediate_size=64, vocab_size=100, max_position_embeddings=16,
-                     num_labels=2)
-    return BertForSequenceClassification(cfg)
-
-
-class _Data(torch.utils.data.Dataset):
-    def __init__(self, n: int = 16) -> None:
-        g = torch.Generator().manual_seed(1)
-        self.ids = torch.randint(1, 100, (n, 8), generator=g)
-        self.labels = torch.randint(0, 2, (n,), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones(8, dtype=torch.long),
-                "labels": self.labels[i]}
-
-
 def _hf_train(out: Path, resume: str | None = None, **cb_kw):
     pytest.importorskip("accelerate")
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from torchfreeze.integrations.transformers import AutoFreezeCallback as HFAuto
 
-    args = TrainingArguments(
-        output_dir=str(out), num_train_epochs=2, per_device_train_batch_size=4,
-        learning_rate=1e-3, weight_decay=0.1, report_to="none", use_cpu=True,
-        save_strategy="steps", save_steps=2, logging_strategy="no", disable_tqdm=True,
-        seed=0, dataloader_num_workers=0)
-    model = _hf_model()
+    from ._hf import TokenData, tiny_classifier, training_args
+
+    args = training_args(out)
+    model = tiny_classifier()
     cb = HFAuto(interval=2, verbose=False, **({"policy": every(3)} | cb_kw))
-    trainer = Trainer(model=model, args=args, train_dataset=_Data(), callbacks=[cb])
+    trainer = Trainer(model=model, args=args, train_dataset=TokenData(), callbacks=[cb])
     trainer.train(resume_from_checkpoint=resume)
     return model, trainer, cb
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,52 +10,16 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from transformers import (  # noqa: E402
-    BertConfig,
-    BertForSequenceClassification,
-    Trainer,
-    TrainingArguments,
-)
+from transformers import Trainer  # noqa: E402
 
 import torchfreeze as tfz  # noqa: E402
 from torchfreeze.errors import SelectionError, TorchfreezeError  # noqa: E402
 from torchfreeze.integrations.transformers import FreezeCallback  # noqa: E402
 
+from ._hf import TokenData, tiny_classifier, training_args  # noqa: E402
+
 FREEZE = ["bert.embeddings", "bert.encoder.layer.{0..1}"]
 SCHEDULE = {1: "bert.encoder.layer.1"}
-
-
-def _model() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                     intermediate_size=64, vocab_size=100, max_position_embeddings=16,
-                     num_labels=2)
-    return BertForSequenceClassification(cfg)
-
-
-class _Data(torch.utils.data.Dataset):
-    def __init__(self, n: int = 16) -> None:
-        g = torch.Generator().manual_seed(1)
-        self.ids = torch.randint(1, 100, (n, 8), generator=g)
-        self.labels = torch.randint(0, 2, (n,), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones(8, dtype=torch.long),
-                "labels": self.labels[i]}
-
-
-def _args(out: Path, **kw) -> TrainingArguments:
-    base = {
-        "output_dir": str(out), "num_train_epochs": 2, "per_device_train_batch_size": 4,
-        "learning_rate": 1e-3, "weight_decay": 0.1, "report_to": "none", "use_cpu": True,
-        "save_strategy": "steps", "save_steps": 2, "logging_strategy": "no",
-        "disable_tqdm": True, "seed": 0, "dataloader_num_workers": 0,
-    }
-    base.update(kw)
-    return TrainingArguments(**base)
 
 
 def _snap(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -85,10 +48,10 @@ class _Spy(transformers.TrainerCallback):
 def run2(tmp_path_factory):
     """One uninterrupted 2-epoch run (4 steps per epoch), checkpoints every 2 steps."""
     out = tmp_path_factory.mktemp("hf")
-    model = _model()
+    model = tiny_classifier()
     before = _snap(model)
     cb, spy = FreezeCallback(freeze=FREEZE, schedule=SCHEDULE, lr_mult=0.5), _Spy()
-    trainer = Trainer(model=model, args=_args(out), train_dataset=_Data(),
+    trainer = Trainer(model=model, args=training_args(out), train_dataset=TokenData(),
                       callbacks=[cb, spy])
     trainer.train()
     return SimpleNamespace(out=out, before=before, after=_snap(model), model=model,
@@ -143,9 +106,10 @@ def test_new_groups_follow_the_trainers_lr_scheduler(run2):
 
 def test_resume_after_the_milestone_matches_the_uninterrupted_run(run2, tmp_path):
     # checkpoint-6 is mid epoch 1, after layer 1 was unfrozen: its optimizer.pt has 4 groups
-    model = _model()
+    model = tiny_classifier()
     cb = FreezeCallback(freeze=FREEZE, schedule=SCHEDULE, lr_mult=0.5)
-    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_Data(), callbacks=[cb])
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=TokenData(),
+                      callbacks=[cb])
     trainer.train(resume_from_checkpoint=str(run2.out / "checkpoint-6"))
     after = _snap(model)
     assert [k for k in after if not torch.equal(after[k], run2.after[k])] == []
@@ -156,28 +120,30 @@ def test_resume_after_the_milestone_matches_the_uninterrupted_run(run2, tmp_path
 
 
 def test_resume_before_the_milestone_applies_it_on_time(run2, tmp_path):
-    model = _model()
+    model = tiny_classifier()
     cb = FreezeCallback(freeze=FREEZE, schedule=SCHEDULE, lr_mult=0.5)
-    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_Data(), callbacks=[cb])
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=TokenData(),
+                      callbacks=[cb])
     trainer.train(resume_from_checkpoint=str(run2.out / "checkpoint-2"))
     after = _snap(model)
     assert [k for k in after if not torch.equal(after[k], run2.after[k])] == []
 
 
 def test_typo_fails_when_the_trainer_is_built(tmp_path):
-    model = _model()
+    model = tiny_classifier()
     with pytest.raises(SelectionError, match=r"bert\.encoder\.layer"):
-        Trainer(model=model, args=_args(tmp_path), train_dataset=_Data(),
+        Trainer(model=model, args=training_args(tmp_path), train_dataset=TokenData(),
                 callbacks=[FreezeCallback(freeze=FREEZE, schedule={1: "bert.encodr.layer.1"})])
     assert all(p.requires_grad for p in model.parameters())
 
 
 def test_a_user_optimizer_holding_frozen_params_is_refused(tmp_path):
-    model = _model()
+    model = tiny_classifier()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=_Data(),
-                      optimizers=(opt, sched), callbacks=[FreezeCallback(freeze=FREEZE)])
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=1),
+                      train_dataset=TokenData(), optimizers=(opt, sched),
+                      callbacks=[FreezeCallback(freeze=FREEZE)])
     before = _snap(model)
     with pytest.raises(TorchfreezeError, match="frozen parameters .* are in the optimizer"):
         trainer.train()
@@ -185,22 +151,22 @@ def test_a_user_optimizer_holding_frozen_params_is_refused(tmp_path):
 
 
 def test_unsupported_settings_are_refused(tmp_path):
-    model = _model()
-    args = _args(tmp_path, restore_callback_states_from_checkpoint=True)
+    model = tiny_classifier()
+    args = training_args(tmp_path, restore_callback_states_from_checkpoint=True)
     with pytest.raises(TorchfreezeError, match="restore_callback_states_from_checkpoint"):
-        Trainer(model=model, args=args, train_dataset=_Data(),
+        Trainer(model=model, args=args, train_dataset=TokenData(),
                 callbacks=[FreezeCallback(freeze=FREEZE)])
     assert all(p.requires_grad for p in model.parameters())
-    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_Data())
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=TokenData())
     trainer.add_callback(FreezeCallback(freeze=FREEZE))
     with pytest.raises(TorchfreezeError, match="callbacks=\\[cb\\]"):
         trainer.train()
 
 
 def test_one_line_summary_is_printed_at_train_start(tmp_path, capsys):
-    model = _model()
-    args = _args(tmp_path, max_steps=1, save_strategy="no")
-    Trainer(model=model, args=args, train_dataset=_Data(),
+    model = tiny_classifier()
+    args = training_args(tmp_path, max_steps=1, save_strategy="no")
+    Trainer(model=model, args=args, train_dataset=TokenData(),
             callbacks=[FreezeCallback(freeze=FREEZE)]).train()
     out = capsys.readouterr().out
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

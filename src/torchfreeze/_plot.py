@@ -55,28 +55,41 @@ def plot_demo(payload: dict[str, Any], path: str | os.PathLike[str]) -> None:
     labels = [r["label"] for r in results.values()]
     layers = list(next(iter(results.values()))["relative_weight_change"])
     values = [[r["relative_weight_change"][name] for name in layers] for r in results.values()]
+    _drift_heatmap(fig, ax_heat, labels, layers, values, zero="0 (frozen)", small=".1e",
+                   title="relative weight change per layer  ‖Δw‖ / ‖w₀‖  (log scale)")
+    _save(fig, path)
+
+
+def _drift_heatmap(fig: Any, ax: Any, rows: list[str], layers: list[str],
+                   values: list[list[float]], *, zero: str, small: str, title: str,
+                   rotate: bool = False) -> None:
+    """Relative weight change per (row, layer) on a log colour scale, values written in.
+
+    Log scale: a new head moves ~100x more than the backbone. Exact zeros (frozen)
+    are masked and drawn in their own colour (green).
+    """
     import numpy as np
     from matplotlib import colormaps
     from matplotlib.colors import LogNorm
 
-    # log scale: the new head moves ~100x more than the backbone; exact zeros (frozen)
-    # are masked and drawn in their own colour
     grid = np.ma.masked_equal(np.asarray(values, dtype=float), 0.0)
     top = float(grid.max()) if grid.count() else 1.0
     low = max(min(float(grid.min()) if grid.count() else 1e-3, top / 10), top * 1e-4)
     cmap = colormaps["magma_r"].with_extremes(bad="#d8ecd3")
-    image = ax_heat.imshow(grid, cmap=cmap, norm=LogNorm(vmin=low, vmax=top), aspect="auto")
-    ax_heat.set_xticks(range(len(layers)), labels=layers)
-    ax_heat.set_yticks(range(len(labels)), labels=labels)
-    ax_heat.set_title("relative weight change per layer  ‖Δw‖ / ‖w₀‖  (log scale)")
+    image = ax.imshow(grid, cmap=cmap, norm=LogNorm(vmin=low, vmax=top), aspect="auto")
+    if rotate:
+        ax.set_xticks(range(len(layers)), labels=layers, rotation=30, ha="right")
+    else:
+        ax.set_xticks(range(len(layers)), labels=layers)
+    ax.set_yticks(range(len(rows)), labels=rows)
+    ax.set_title(title)
     for i, row in enumerate(values):
         for j, v in enumerate(row):
-            text = "0 (frozen)" if v == 0.0 else f"{v:.2f}" if v >= 0.01 else f"{v:.1e}"
+            text = zero if v == 0.0 else f"{v:.2f}" if v >= 0.01 else f"{v:{small}}"
             dark = v > 0 and math.log(v / low) > 0.45 * math.log(top / low)
-            ax_heat.text(j, i, text, ha="center", va="center", fontsize=8,
-                         color="white" if dark else "black")
-    fig.colorbar(image, ax=ax_heat, shrink=0.85)
-    _save(fig, path)
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                    color="white" if dark else "black")
+    fig.colorbar(image, ax=ax, shrink=0.85)
 
 
 def plot_diff(diff: CheckpointDiff, path: str | os.PathLike[str]) -> None:
@@ -121,16 +134,12 @@ def plot_news(payload: dict[str, Any], drift: dict[str, dict[str, float]],
         title: the figure's title.
     """
     figure_cls, _ = require_matplotlib()
-    import numpy as np
-    from matplotlib import colormaps
-    from matplotlib.colors import LogNorm
-
     rows = payload["strategies"]
     fig = figure_cls(figsize=(15, 6), layout="constrained")
     ax_acc, ax_heat = fig.subplots(1, 2, width_ratios=[1, 1.25])
     styles = {"full-fine-tune": ("black", "o"), "from-scratch": ("tab:gray", "s"),
               "linear-probe": ("tab:blue", "^"), "partial-freeze": ("tab:green", "D"),
-              "gradual-unfreeze": ("tab:orange", "v")}
+              "gradual-unfreeze": ("tab:orange", "v"), "auto-freeze": ("tab:purple", "P")}
     seconds = [s for r in rows for s, _ in r["curve"] if s > 0]
     floor = min(seconds) / 2 if seconds else 0.1
     for r in rows:
@@ -159,22 +168,9 @@ def plot_news(payload: dict[str, Any], drift: dict[str, dict[str, float]],
 
     names = [r["name"] for r in rows]
     layers = list(drift[names[0]])
-    values = np.asarray([[drift[n][k] for k in layers] for n in names], dtype=float)
-    grid = np.ma.masked_equal(values, 0.0)
-    top = float(grid.max()) if grid.count() else 1.0
-    low = max(min(float(grid.min()) if grid.count() else 1e-3, top / 10), top * 1e-4)
-    cmap = colormaps["magma_r"].with_extremes(bad="#d8ecd3")
-    image = ax_heat.imshow(grid, cmap=cmap, norm=LogNorm(vmin=low, vmax=top), aspect="auto")
-    ax_heat.set_xticks(range(len(layers)), labels=layers, rotation=30, ha="right")
-    ax_heat.set_yticks(range(len(names)), labels=names)
-    ax_heat.set_title("relative weight change per layer ‖Δw‖ / ‖w₀‖ (log colour; green: frozen)")
-    for i, row in enumerate(values):
-        for j, v in enumerate(row):
-            text = "0" if v == 0.0 else f"{v:.2f}" if v >= 0.01 else f"{v:.0e}"
-            dark = v > 0 and math.log(v / low) > 0.45 * math.log(top / low)
-            ax_heat.text(j, i, text, ha="center", va="center", fontsize=8,
-                         color="white" if dark else "black")
-    fig.colorbar(image, ax=ax_heat, shrink=0.85)
+    values = [[drift[n][k] for k in layers] for n in names]
+    _drift_heatmap(fig, ax_heat, names, layers, values, zero="0", small=".0e", rotate=True,
+                   title="relative weight change per layer ‖Δw‖ / ‖w₀‖ (log colour; green: frozen)")
     if title:
         fig.suptitle(title, fontsize=12)
     _save(fig, path)

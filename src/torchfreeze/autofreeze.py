@@ -764,6 +764,33 @@ class AutoFreeze:
 # helpers
 
 
+#: AutoFreeze options the trainer callbacks pass through (besides their own arguments)
+CALLBACK_OPTIONS = ("warmup", "patience", "max_per_decision", "normalize", "pin_eval")
+
+
+def callback_kwargs(*, layers: Any, interval: int, policy: Any, percentile: float,
+                    options: dict[str, Any], **own: Any) -> dict[str, Any]:
+    """The AutoFreeze keyword arguments of a trainer callback (Lightning, HF Trainer).
+
+    Raises:
+        TorchfreezeError: an option AutoFreeze does not take (named, with the ones it does).
+    """
+    unknown = sorted(set(options) - set(CALLBACK_OPTIONS))
+    if unknown:
+        raise TorchfreezeError(
+            f"AutoFreezeCallback got unknown options {unknown}; AutoFreeze takes "
+            + ", ".join(f"{o}=" for o in CALLBACK_OPTIONS) + "."
+        )
+    return dict(layers=layers, interval=interval, policy=policy, percentile=percentile,
+                **own, **options)
+
+
+def event_line(af: AutoFreeze, frozen: Sequence[str]) -> str:
+    """One log line for a freeze event of a trainer callback."""
+    return (f"torchfreeze: step {af.steps}: froze {', '.join(frozen)} "
+            f"({len(af.frozen)} of {len(af.groups)} groups frozen)")
+
+
 def _resolve_groups(
     module: nn.Module, layers: Sequence[Any] | None, idx: ModelIndex
 ) -> list[tuple[str, list[str]]]:

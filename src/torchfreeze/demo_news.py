@@ -428,7 +428,12 @@ register(Strategy("from-scratch", "same architecture and recipe, random init",
 
 
 #: AutoFreeze decisions per epoch (interval = steps per epoch / this)
-AUTO_DECISIONS_PER_EPOCH = 4
+AUTO_DECISIONS_PER_EPOCH = 8
+#: the demo's gradnorm settings: shares (normalize=True) remove the common mode that
+#: moves every group's norm with the batches' difficulty, so one interval below the
+#: median is enough (patience=1); with the library defaults the rule froze nothing on
+#: this job (README, AutoFreeze section)
+AUTO_OPTIONS: dict[str, Any] = {"normalize": True, "patience": 1}
 
 
 def _steps_per_epoch(recipe: Recipe) -> int:
@@ -444,13 +449,20 @@ def freezeout_policy(recipe: Recipe, t0: float = 0.5) -> Callable[[Any], int]:
 
 
 def auto_freeze_setup(model: nn.Module, recipe: Recipe, *, policy: Any = "gradnorm",
-                      cache: bool = True) -> Setup:
-    """The full fine-tune's optimizer, with :class:`torchfreeze.AutoFreeze` stepping it."""
+                      cache: bool = True, **options: Any) -> Setup:
+    """The full fine-tune's optimizer, with :class:`torchfreeze.AutoFreeze` stepping it.
+
+    ``options`` go to :class:`~torchfreeze.AutoFreeze`; for ``policy="gradnorm"``
+    they default to :data:`AUTO_OPTIONS`.
+    """
+    if policy == "gradnorm":
+        options = {**AUTO_OPTIONS, **options}
     from . import AutoFreeze
 
     setup = _plain_pytorch(model, recipe)  # the same AdamW groups as full-fine-tune
     interval = max(2, _steps_per_epoch(recipe) // AUTO_DECISIONS_PER_EPOCH)
-    af = AutoFreeze(model, setup.optimizer, interval=interval, policy=policy, cache=cache)
+    af = AutoFreeze(model, setup.optimizer, interval=interval, policy=policy, cache=cache,
+                    **options)
 
     def close() -> None:
         setup.info["auto_freeze"] = {"interval": interval, "events": [list(e) for e in af.events],
@@ -463,9 +475,9 @@ def auto_freeze_setup(model: nn.Module, recipe: Recipe, *, policy: Any = "gradno
     return setup
 
 
-register(Strategy("auto-freeze", "full fine-tune + tfz.AutoFreeze (gradnorm rule): freezes a "
-                  "growing prefix as it settles, cached with FeatureCache", auto_freeze_setup,
-                  quick=False))
+register(Strategy("auto-freeze", "full fine-tune + tfz.AutoFreeze (gradnorm rule, normalize=True, "
+                  "patience=1): freezes a growing prefix as it settles, cached with "
+                  "FeatureCache", auto_freeze_setup, quick=False))
 
 
 # ---------------------------------------------------------------------------

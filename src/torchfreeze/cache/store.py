@@ -175,6 +175,8 @@ class SlabStore:
         n = slots.numel()
         if self._log is not None or not self._mem:
             return [self._from_disk(i, slots, device) for i in range(len(self.shapes))]
+        if not self._disk_used:  # nothing spilled: every slot is a memory row (no mask)
+            return [self._from_memory(i, slots, device) for i in range(len(self.shapes))]
         in_mem = slots < _DISK
         if bool(in_mem.all()):
             return [self._from_memory(i, slots, device) for i in range(len(self.shapes))]

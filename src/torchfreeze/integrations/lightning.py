@@ -268,7 +268,7 @@ class AutoFreezeCallback(Callback):
         optimizer_index: which of ``trainer.optimizers`` to shrink.
         verbose: log each freeze event (rank 0).
         **options: further :class:`~torchfreeze.AutoFreeze` options (``warmup``,
-            ``patience``, ``max_per_decision``, ``pin_eval``).
+            ``patience``, ``max_per_decision``, ``normalize``, ``pin_eval``).
 
     Example:
         >>> from torchfreeze.integrations.lightning import AutoFreezeCallback
@@ -288,17 +288,10 @@ class AutoFreezeCallback(Callback):
         verbose: bool = True,
         **options: Any,
     ) -> None:
-        from ..autofreeze import AutoFreeze
+        from ..autofreeze import AutoFreeze, callback_kwargs
 
-        self._kwargs = dict(layers=layers, interval=interval, policy=policy,
-                            percentile=percentile, cache=cache, **options)
-        unknown = set(options) - {"warmup", "patience", "max_per_decision", "normalize",
-                                 "pin_eval"}
-        if unknown:
-            raise TorchfreezeError(
-                f"AutoFreezeCallback got unknown options {sorted(unknown)}; AutoFreeze takes "
-                "warmup=, patience=, max_per_decision=, pin_eval=."
-            )
+        self._kwargs = callback_kwargs(layers=layers, interval=interval, policy=policy,
+                                       percentile=percentile, options=options, cache=cache)
         self._cls = AutoFreeze
         self.optimizer_index = optimizer_index
         self.verbose = verbose
@@ -357,9 +350,9 @@ class AutoFreezeCallback(Callback):
         if frozen:
             self._sync_wrapper(trainer)
             if self.verbose:
-                rank_zero_info(f"torchfreeze: step {self.autofreeze.steps}: froze "
-                               f"{', '.join(frozen)} ({len(self.autofreeze.frozen)} of "
-                               f"{len(self.autofreeze.groups)} groups frozen)")
+                from ..autofreeze import event_line
+
+                rank_zero_info(event_line(self.autofreeze, frozen))
 
     def _sync_wrapper(self, trainer: pl.Trainer) -> None:
         if isinstance(trainer.strategy.model, DistributedDataParallel):

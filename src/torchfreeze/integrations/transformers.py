@@ -331,7 +331,7 @@ class AutoFreezeCallback(TrainerCallback, ExportableState):
         layers, interval, policy, percentile: as :class:`torchfreeze.AutoFreeze`.
         verbose: print each freeze event (main process).
         **options: further :class:`~torchfreeze.AutoFreeze` options (``warmup``,
-            ``patience``, ``max_per_decision``, ``pin_eval``).
+            ``patience``, ``max_per_decision``, ``normalize``, ``pin_eval``).
 
     Example:
         >>> from torchfreeze.integrations.transformers import AutoFreezeCallback
@@ -349,15 +349,10 @@ class AutoFreezeCallback(TrainerCallback, ExportableState):
         verbose: bool = True,
         **options: Any,
     ) -> None:
-        unknown = set(options) - {"warmup", "patience", "max_per_decision", "normalize",
-                                 "pin_eval"}
-        if unknown:
-            raise TorchfreezeError(
-                f"AutoFreezeCallback got unknown options {sorted(unknown)}; AutoFreeze takes "
-                "warmup=, patience=, max_per_decision=, pin_eval=."
-            )
-        self._kwargs = dict(layers=layers, interval=interval, policy=policy,
-                            percentile=percentile, **options)
+        from ..autofreeze import callback_kwargs
+
+        self._kwargs = callback_kwargs(layers=layers, interval=interval, policy=policy,
+                                       percentile=percentile, options=options)
         self.verbose = verbose
         #: the :class:`~torchfreeze.AutoFreeze` (once the Trainer built its optimizer)
         self.autofreeze: Any = None
@@ -435,5 +430,6 @@ class AutoFreezeCallback(TrainerCallback, ExportableState):
             return
         frozen = self.autofreeze.step()
         if frozen and self.verbose and getattr(state, "is_world_process_zero", True):
-            print(f"torchfreeze: step {self.autofreeze.steps}: froze {', '.join(frozen)} "
-                  f"({len(self.autofreeze.frozen)} of {len(self.autofreeze.groups)} groups)")
+            from ..autofreeze import event_line
+
+            print(event_line(self.autofreeze, frozen))
