@@ -173,6 +173,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=RECIPE.epochs)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--add", type=Path, action="append", default=[],
+                        help="JSON lines of seeds run before (bench_real.last.jsonl): "
+                             "included in the table")
     parser.add_argument("--evals-per-epoch", type=int, default=RECIPE.evals_per_epoch)
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows")
     parser.add_argument("--no-write", action="store_true", help="print only")
@@ -185,13 +189,23 @@ def main() -> int:
         parser.error(f"--rows: need full-fine-tune; unknown: {unknown}; "
                      f"choose from hf-trainer, {', '.join(dn.STRATEGIES)}")
     started = time.perf_counter()
-    runs = [run_seed(seed, rows, recipe) for seed in range(args.seeds)]
+    runs = [run_seed(seed, rows, recipe)
+            for seed in range(args.first_seed, args.first_seed + args.seeds)]
     took = time.perf_counter() - started
+    earlier: dict[int, list[dict[str, Any]]] = {}
+    for path in args.add:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                earlier.setdefault(r["seed"], []).append(r)
+    runs = [earlier[s] for s in sorted(earlier)] + runs
+    seeds = sorted({r["seed"] for seed_rows in runs for r in seed_rows})
     data_line = (f"{dn.MODEL} on BBC News: every article not in the {recipe.test}-article test "
                  f"set trains ({2225 - recipe.test}), {recipe.max_length} tokens, batch "
                  f"{recipe.batch_size}, {recipe.epochs} epochs (linear-probe "
                  f"{recipe.epochs * dn.STRATEGIES['linear-probe'].epoch_mult}), "
-                 f"{recipe.evals_per_epoch} evaluations per epoch, seeds 0-{args.seeds - 1}; "
+                 f"{recipe.evals_per_epoch} evaluations per epoch, seeds "
+                 f"{', '.join(map(str, seeds))}; "
                  f"FeatureCache {'on' if dn._USE_CACHE else 'OFF (uncached)'}")
     t = table(
         "B-real: time to (full fine-tune's final accuracy - 0.5 pt)",
@@ -203,7 +217,8 @@ def main() -> int:
     con = console()
     con.print(t)
     machine = machine_line()
-    con.print(f"Machine: {machine}; {took / 60:.1f} min")
+    con.print(f"Machine: {machine}; {took / 60:.1f} min"
+              + (f" (+ seeds from {', '.join(map(str, args.add))})" if args.add else ""))
     if not args.no_write:
         from rich.console import Console
 
