@@ -188,16 +188,17 @@ def main() -> int:
     if unknown or "full-fine-tune" not in rows:
         parser.error(f"--rows: need full-fine-tune; unknown: {unknown}; "
                      f"choose from hf-trainer, {', '.join(dn.STRATEGIES)}")
-    started = time.perf_counter()
-    runs = [run_seed(seed, rows, recipe)
-            for seed in range(args.first_seed, args.first_seed + args.seeds)]
-    took = time.perf_counter() - started
+    # read before the run: a bad --add file fails now, not after the long run
     earlier: dict[int, list[dict[str, Any]]] = {}
     for path in args.add:
         for line in path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
                 earlier.setdefault(r["seed"], []).append(r)
+    started = time.perf_counter()
+    runs = [run_seed(seed, rows, recipe)
+            for seed in range(args.first_seed, args.first_seed + args.seeds)]
+    took = time.perf_counter() - started
     runs = [earlier[s] for s in sorted(earlier)] + runs
     seeds = sorted({r["seed"] for seed_rows in runs for r in seed_rows})
     data_line = (f"{dn.MODEL} on BBC News: every article not in the {recipe.test}-article test "
