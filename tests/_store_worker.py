@@ -88,14 +88,14 @@ def replay(path: str, folder: str) -> None:
     """Open a FeatureCache(path=) on the saved model, replay every sample, report calls."""
     import json
 
-    from tests.test_cache_store import UPTO, bert, count_prefix_rows, data
+    from tests.test_cache_store import UPTO, bert, count_prefix_rows, data, shuffled
 
     model = bert()
     model.load_state_dict(torch.load(f"{folder}/model.pt"))
     x, ids = data()
     computed = count_prefix_rows(model)
     cache = tfz.FeatureCache(model, upto=UPTO, path=path)
-    order = torch.randperm(len(ids))
+    order = shuffled(len(ids))
     logits = torch.empty(len(ids), 3)
     for batch in order.split(8):
         with cache.keys(ids[batch]):

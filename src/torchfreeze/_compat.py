@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Iterator
 from typing import Any, TypeVar
@@ -56,6 +57,7 @@ __all__ = [
     "refresh_fsdp_grad_dtypes",
     "supported_torch",
     "unsupported",
+    "version_and_grad",
 ]
 
 _T = TypeVar("_T", bound=torch.Tensor)
@@ -208,6 +210,12 @@ def own_tensor_dicts(module: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]
     """The dicts holding ``module``'s own parameters and buffers (live: entries
     registered later show up, which is what change detection needs)."""
     return module._parameters, module._buffers
+
+
+#: ``(tensor._version, tensor.requires_grad)`` in one C-level call: ``_version`` counts
+#: in-place writes (optimizer steps, ``copy_``, ``load_state_dict``); the cache reads it
+#: for every watched tensor on every batch.
+version_and_grad = operator.attrgetter("_version", "requires_grad")
 
 
 def child_modules(module: nn.Module) -> dict[str, nn.Module]:

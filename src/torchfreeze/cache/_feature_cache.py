@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import operator
 import os
 import shutil
-import warnings
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._compat import own_tensor_dicts, pytree
+from .._compat import pytree
 from ..errors import CacheError
-from ..norm import _PinnedEval, is_batchnorm
+from ..norm import _PinnedEval
+from . import _guards as guards
+from ._guards import is_batched as _is_batched
 from ._hook import (
     Clock,
     Discovery,
@@ -38,27 +37,18 @@ from ._hook import (
 from ._storage import STORAGE_MODES, IdBatch, Storage, StorageBudget, StorageMode
 from .persist import (
     StoreMeta,
+    check_store_folder,
     fingerprint,
     load_structure,
     open_meta,
     read_meta,
     save_structure,
+    tensor_digest,
 )
 from .store import SlabStore
 
-_DROPOUT = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
 _FLOAT_STORE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _Key = tuple[int, Any]
-# C-level loops for the every-batch scan
-_VERSION_GRAD = operator.attrgetter("_version", "requires_grad")
-_DATA_PTR = operator.methodcaller("data_ptr")
 
 
 class _Registrations:
@@ -93,7 +83,8 @@ class _StopAtBoundary(Exception):
 class _Namespace:
     """Entries of one (call index, autocast state): stored rows + how to rebuild outputs."""
 
-    __slots__ = ("hashes", "key", "prefix_specs", "saved", "shapes", "spec", "storage")
+    __slots__ = ("dtypes", "hashes", "key", "prefix_specs", "saved", "shapes", "signature",
+                 "spec", "storage")
 
     def __init__(self, key: _Key, prefix_known_empty: bool) -> None:
         self.key = key
@@ -106,12 +97,16 @@ class _Namespace:
             else None
         self.hashes: dict[Hashable, bytes] = {}
         self.shapes: list[tuple[int, ...]] = []
+        self.dtypes: list[torch.dtype] = []
+        # what the prefix (its first module) was called with when the entries were
+        # computed: no entry is replayed, and none stored, under another signature
+        self.signature: Any = None
 
 
 class _Segment:
     """One stretch of a forward: from the first patched call to the boundary's return."""
 
-    __slots__ = ("calls", "digests", "ns", "replay", "slots", "specs")
+    __slots__ = ("calls", "detector", "digests", "ns", "replay", "running", "slots", "specs")
 
     def __init__(self, ns: _Namespace, replay: bool, slots: torch.Tensor | None) -> None:
         self.ns = ns
@@ -120,12 +115,15 @@ class _Segment:
         self.calls: dict[int, int] = {}
         self.specs: dict[int, list[PrefixSpec]] | None = None
         self.digests: list[bytes] | None = None
+        self.detector: guards.RandomOps | None = None  # verifying a new train/eval state
+        self.running: str | None = None
 
 
 class _Pass:
     """State of one ``keys()`` block."""
 
-    __slots__ = ("call", "discovery", "ids", "n", "replayed", "segment", "store", "taint")
+    __slots__ = ("call", "discovery", "ids", "inputs", "lineage", "n", "random", "replayed",
+                 "segment", "store", "taint")
 
     def __init__(self, ids: IdBatch, n: int) -> None:
         self.ids = ids
@@ -136,6 +134,9 @@ class _Pass:
         self.store = True
         self.replayed = False
         self.taint: Taint | None = None  # the first pass's data-dependence check
+        self.lineage: guards.Lineage | None = None  # first pass: weights reaching the boundary
+        self.random: guards.RandomOps | None = None  # first pass: random ops in the prefix
+        self.inputs: set[int] = set()  # ids of the tensors given to the model
 
 
 class _Keys:
@@ -162,9 +163,14 @@ class _Keys:
             )
         state = self.state = _Pass(self.ids, self.n)
         if cache._prefix is None:
-            state.discovery = Discovery(cache._root, cache.module, cache._clock)
+            state.discovery = Discovery(cache._root, cache.module, cache._clock,
+                                        guards.signature)
             state.taint = state.discovery.taint
+            state.lineage = guards.Lineage(guards.named_tensors(cache._root))
+            state.random = guards.RandomOps(state.discovery.where)
             state.taint.__enter__()
+            state.lineage.__enter__()
+            state.random.__enter__()
         cache._pass = state
         try:
             for feeder in cache._feeders:
@@ -182,10 +188,16 @@ class _Keys:
             keys.__exit__()
         self.feeders = []
         cache, state = self.cache, self.state
+        if state.segment is not None and state.segment.detector is not None:
+            state.segment.detector.__exit__(None, None, None)  # the model raised mid-way
         cache._pass = None
         cache._clock.tick += 1  # placeholders of this block are dead from here on
         if state.discovery is not None:
             state.discovery.remove()
+        if state.random is not None:
+            state.random.__exit__(None, None, None)
+        if state.lineage is not None:
+            state.lineage.__exit__(None, None, None)
         if state.taint is not None:
             state.taint.__exit__(None, None, None)
 
@@ -233,10 +245,6 @@ def _progress(loader: Iterable[Any], *, enabled: bool) -> Iterator[Callable[[int
     with Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task("fill", total=total)
         yield lambda n: bar.advance(task, n)
-
-
-def _is_batched(value: Any, batch: int) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
 
 
 def _take(value: Any, batch: int, index: torch.Tensor) -> Any:
@@ -419,6 +427,8 @@ class FeatureCache:
                 "path= keeps entries in files, but storage='memory' asks for RAM only; "
                 "drop one of them."
             )
+        if path is not None:
+            check_store_folder(os.fspath(path), overwrite=overwrite)
         if upto is None:
             boundary, bname = model, ""
         else:
@@ -455,9 +465,13 @@ class FeatureCache:
         self._prefix: list[tuple[str, nn.Module]] | None = [] if upto is None else None
         self._watch: list[nn.Module] = [boundary]
         self._prefix_names: dict[int, str] = {}
+        self._guard = guards.Watch()
+        self._guard.named = [(bname, boundary)]
+        self._verified: set[tuple[bool, ...]] = set()  # train/eval states without random ops
+        self._forced_grad = False  # outputs require grad only by requires_grad_() upstream
         if not pin_eval:
-            self._check_deterministic(boundary, bname)
-        self._check_frozen(boundary, bname)
+            guards.check_deterministic(boundary, bname)
+        guards.check_frozen(boundary, bname)
 
         self.hits = 0
         self.misses = 0
@@ -470,9 +484,8 @@ class FeatureCache:
         self._pinned: list[nn.Module] = []
         self._feeders: list[FeatureCache] = []  # earlier caches activated by keys() (advance)
         _Registrations.install()
-        self._fingerprint = self._take_fingerprint()
-        self._fast_fingerprint: list[Any] = []
         self._rebuild_watch()
+        self._guard.fingerprint = self._guard.take_fingerprint()
         if upto is not None:
             self._refuse_hidden_states(model, bname)
         self._patches: list[PatchedForward] = [install(boundary, self._on_boundary, self)]
@@ -526,6 +539,11 @@ class FeatureCache:
     def __len__(self) -> int:
         return sum(len(ns.storage) for ns in self._namespaces.values() if ns.storage is not None)
 
+    def __bool__(self) -> bool:
+        """True while the cache is open, however many entries it holds (``len()`` counts
+        entries): ``cache.keys(ids) if cache else nullcontext()`` caches from the start."""
+        return not self._closed
+
     def __contains__(self, sample_id: object) -> bool:
         return any(sample_id in ns.storage for ns in self._namespaces.values()
                    if ns.storage is not None)
@@ -572,7 +590,7 @@ class FeatureCache:
                 "cache.keys() on a closed FeatureCache: close() removed it from the model, "
                 "so nothing would be cached or replayed. Create a new FeatureCache."
             )
-        ids, n = self._normalize_ids(sample_ids)
+        ids, n = guards.normalize_ids(sample_ids)
         return _Keys(self, ids, n)
 
     def advance(self, upto: Any) -> FeatureCache:
@@ -610,11 +628,36 @@ class FeatureCache:
                 "advance() needs a cache made with upto= (FeatureCache(model, upto=...)): a "
                 "one-module cache has no model to move the boundary forward in."
             )
+        self._check_later(upto)
         later = FeatureCache(self._root, upto=upto, max_bytes=self.max_bytes, dtype=self.dtype,
                              storage=self.storage, directory=self.directory,
                              validate=self.validate, pin_eval=self.pin_eval, device=self.device)
         later._feeders = [*self._feeders, self]
         return later
+
+    def _check_later(self, upto: Any) -> None:
+        """Refuse an advance() boundary that cannot run after this cache's boundary."""
+        _, name = _resolve_upto(self._root, upto)
+        mine = self._boundary_name
+        names = [n for n, _ in self._root.named_modules()]
+
+        def inside(a: str, b: str) -> bool:
+            return a == b or a.startswith(b + ".")
+
+        why = None
+        if inside(name, mine) or inside(mine, name):
+            why = ("is this cache's boundary or contains it" if inside(mine, name)
+                   else "is inside this cache's boundary")
+        elif any(inside(name, p) for p in self.prefix or ()):
+            why = "is part of this cache's prefix (it runs before the boundary)"
+        elif self._prefix is None and names.index(name) < names.index(mine):
+            why = "is registered before this cache's boundary"
+        if why is not None:
+            raise CacheError(
+                f"advance(upto={name!r}): that module {why}, so it does not run after the "
+                f"boundary {mine!r}. Pass a module that runs after {mine!r} (a later layer), "
+                "or create a new FeatureCache for an earlier boundary."
+            )
 
     def clear(self) -> None:
         """Drop every stored output and input hash, delete disk chunks, reset counters.
@@ -672,6 +715,13 @@ class FeatureCache:
         try:
             seg = state.segment or self._begin(state, args, kwargs, first_is_boundary=True)
             ns = seg.ns
+            disc = state.discovery
+            if disc is not None and self.validate and disc.first is not None:
+                # the first prefix module's inputs, recorded when it was called
+                seg.digests = guards.digest_inputs(*disc.first, state.n, Placeholder)
+            if disc is not None and ns.signature is None:
+                ns.signature = disc.calls[0][1] if disc.calls else \
+                    guards.signature(args, kwargs)
             if seg.replay:
                 spec = ns.spec
                 assert spec is not None and ns.storage is not None and seg.slots is not None
@@ -682,6 +732,9 @@ class FeatureCache:
                     raise _StopAtBoundary
                 leaves = ns.storage.read(seg.slots, spec.device)
                 self.hits += state.n
+                if self._forced_grad:
+                    leaves = [t.detach().requires_grad_() if t.is_floating_point() else t
+                              for t in leaves]
                 if spec.kind == "tensor" and leaves[0].dtype == spec.dtypes[0]:
                     return leaves[0]
                 return unflatten_output(spec, self._as_output(spec, leaves))
@@ -690,16 +743,20 @@ class FeatureCache:
                 if self._filling:
                     raise _StopAtBoundary
                 return out
+            if disc is not None:
+                disc.running.append(repr(self._boundary_name))
+            seg.running = repr(self._boundary_name)
             out = patch.orig(*args, **kwargs)
+            self._end_verify(seg)
             if state.taint is not None:
                 state.taint.clean(out)
             if has_placeholder(out):
                 return out  # an outer cache replays this stretch: nothing real to store
             self._check_digests(state, seg)
-            if state.discovery is not None:
-                self._finish_discovery(state, ns)
             spec, computed = flatten_output(out, state.n)
-            self._refuse_grad(computed)
+            if state.discovery is not None:
+                self._finish_discovery(state, ns, computed)
+            self._refuse_grad(state, computed)
             if seg.specs is not None and ns.prefix_specs is None:
                 ns.prefix_specs = seg.specs
             self.misses += state.n
@@ -710,14 +767,20 @@ class FeatureCache:
                 raise _StopAtBoundary
             return out if self.dtype is None else unflatten_output(spec, fresh)
         finally:
+            if state.segment is not None and state.segment.detector is not None:
+                state.segment.detector.__exit__(None, None, None)
+                state.segment.detector = None
             state.segment = None
             state.call += 1
             self._clock.tick += 1
 
     def _on_root(self, patch: PatchedForward, args: tuple[Any, ...],
                  kwargs: dict[str, Any]) -> Any:
-        out = patch.orig(*args, **kwargs)
         state = self._pass
+        if state is not None:
+            state.inputs = {id(t) for t in pytree.tree_leaves((args, kwargs))
+                            if isinstance(t, torch.Tensor)}
+        out = patch.orig(*args, **kwargs)
         if state is not None and state.taint is not None:
             source = state.taint.stale(out)
             if source is not None:
@@ -770,10 +833,38 @@ class FeatureCache:
                 )
             state.replayed = True
             return specs[k].placeholders(state.n, self._clock, self._name_of(patch.module))
+        seg.running = repr(self._name_of(patch.module))
         out = patch.orig(*args, **kwargs)
+        seg.running = None
         if seg.specs is not None:
             seg.specs.setdefault(key, []).append(PrefixSpec(out, state.n))
         return out
+
+    def _check_signature(self, ns: _Namespace, args: tuple[Any, ...],
+                         kwargs: dict[str, Any], first: str) -> None:
+        """The signature guard: the prefix is called as when the namespace's entries were
+        stored (shapes past the batch dim, dtypes, devices, plain arguments), or refused."""
+        now = guards.signature(args, kwargs)
+        if ns.signature is None:
+            ns.signature = now
+        elif now != ns.signature:
+            guards.check_signature(first, ns.signature, now, path=self.path)
+
+    def _where_running(self) -> str | None:
+        seg = self._pass.segment if self._pass is not None else None
+        if seg is None:
+            return None
+        return seg.running or "the model's own forward (between prefix modules)"
+
+    def _end_verify(self, seg: _Segment) -> None:
+        """A segment computed under the random-op detector: refuse, or trust this state."""
+        detector = seg.detector
+        if detector is None:
+            return
+        detector.__exit__(None, None, None)
+        seg.detector = None
+        detector.check()
+        self._verified.add(self._guard.training())
 
     def _begin(self, state: _Pass, args: tuple[Any, ...], kwargs: dict[str, Any], *,
                first_is_boundary: bool) -> _Segment:
@@ -798,17 +889,27 @@ class FeatureCache:
         ns = self._namespaces.get(key)
         if ns is None:
             ns = self._namespaces[key] = self._new_namespace(key)
+        if state.discovery is None:
+            self._check_signature(ns, args, kwargs, "the boundary " + repr(
+                self._boundary_name or describe(self._boundary)) if first_is_boundary else
+                "the prefix (its first module)")
         slots = None
         replay = False
         if ns.storage is not None:
             slots = ns.storage.lookup(state.ids)
             replay = ns.prefix_specs is not None and (n == 0 or int(slots.min()) >= 0)
+        verify = state.discovery is None and self._guard.training() not in self._verified
+        if verify:
+            replay = False  # a train/eval state not seen yet: compute it under the detector
         seg = _Segment(ns, replay, slots)
         if not replay and self._prefix and ns.prefix_specs is None:
             seg.specs = {}
         if self.validate and state.discovery is None:
-            seg.digests = self._digest_inputs(args, kwargs, n)
+            seg.digests = guards.digest_inputs(args, kwargs, n, Placeholder)
         state.segment = seg
+        if verify:
+            seg.detector = guards.RandomOps(self._where_running)
+            seg.detector.__enter__()
         return seg
 
     def _check_batch(self, state: _Pass, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -834,16 +935,14 @@ class FeatureCache:
                 "per sample of the batch, in batch order."
             )
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            raise CacheError(
-                f"An input of the cached {describe(self._boundary)} requires grad, so replaying "
-                "a stored output would silently cut its gradient. Cache a prefix whose inputs "
-                "are data (not trainable activations), or run this call outside cache.keys()."
-            )
+            raise guards.module_input_grad_error(self._boundary)
         self._check_digests(state, seg)
         hit = seg.slots >= 0 if seg.slots is not None else None
-        n_hit = int(hit.sum()) if hit is not None else 0
+        n_hit = int(hit.sum()) if hit is not None and seg.detector is None else 0
         if n_hit == 0:
+            seg.running = f"the cached {describe(self._boundary)}"
             out = patch.orig(*args, **kwargs)
+            self._end_verify(seg)
             spec, computed = flatten_output(out, batch)
             fresh = self._store(ns, spec, state.ids, computed)
             self.misses += batch
@@ -876,15 +975,19 @@ class FeatureCache:
             merged.append(full)
         return unflatten_output(spec, merged)
 
-    def _refuse_grad(self, leaves: list[torch.Tensor]) -> None:
-        if torch.is_grad_enabled() and any(t.requires_grad for t in leaves):
-            raise CacheError(
-                f"The output of the boundary {self._clock.boundary!r} requires grad, so "
-                "something trainable feeds the cached prefix (a parameter the model's own code "
-                "uses before the boundary, e.g. a class token or position embedding, or an "
-                "input that requires grad). Replaying a stored output would silently cut its "
-                "gradient. Freeze it too, or choose an earlier boundary."
-            )
+    def _refuse_grad(self, state: _Pass, leaves: list[torch.Tensor]) -> None:
+        """The gradient guard: a boundary output that requires grad is refused unless
+        nothing trainable is upstream of it (only ``requires_grad_()`` inside the model,
+        as Hugging Face's ``enable_input_require_grads`` does)."""
+        if not torch.is_grad_enabled() or not any(t.requires_grad for t in leaves):
+            return
+        names, from_input = guards.grad_sources(leaves, guards.named_tensors(self._root),
+                                                state.inputs)
+        if names:
+            raise guards.trainable_outside_error(self._boundary_name, names)
+        if from_input:
+            raise guards.input_grad_error(self._boundary_name)
+        self._forced_grad = True  # replays hand out outputs that require grad, like these
 
     def _store(self, ns: _Namespace, spec: OutputSpec, ids: IdBatch,
                computed: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -912,8 +1015,10 @@ class FeatureCache:
                     computed: list[torch.Tensor]) -> list[torch.Tensor]:
         stored = [self._to_store(t) for t in computed]
         if ns.storage is None:
-            ns.storage = self._new_storage(ns, stored)
             ns.shapes = [tuple(t.shape[1:]) for t in stored]
+            ns.dtypes = [t.dtype for t in stored]
+            device = self.device if self.device is not None else stored[0].device
+            ns.storage = self._make_storage(ns, device)
         else:
             self._check_shapes(ns, stored)
         if self.path is not None and not ns.saved:
@@ -954,9 +1059,13 @@ class FeatureCache:
         ns.spec = dataclasses.replace(structure["spec"], device=self._replay_device())
         ns.prefix_specs = {id(by_name[name]): specs
                            for name, specs in structure["prefix_specs"].items()}
-        ns.storage = SlabStore(structure["shapes"], structure["dtypes"], budget=self._budget,
-                               path=folder)
         ns.shapes = [tuple(shape) for shape in structure["shapes"]]
+        ns.dtypes = list(structure["dtypes"])
+        ns.signature = structure.get("signature")
+        self._forced_grad |= bool(structure.get("forced_grad", False))
+        # train/eval states the writer ran under the random-op detector without a finding
+        self._verified |= set(structure.get("verified", ()))
+        ns.storage = self._make_storage(ns, None)
         ns.saved = True
         return ns
 
@@ -968,26 +1077,25 @@ class FeatureCache:
             name += f"-{autocast[0]}-{str(autocast[1]).replace('torch.', '')}"
         return os.path.join(self.path, name)
 
-    def _new_storage(self, ns: _Namespace, stored: list[torch.Tensor]) -> Storage:
-        """The one place a Storage is made (CONTRACTS.md 1): from the first batch of leaves
-        of namespace ``ns`` (``ns.key``: call index, autocast state), already in the
-        storage dtype and contiguous."""
-        device = self.device if self.device is not None else stored[0].device
-        return SlabStore([tuple(t.shape[1:]) for t in stored], [t.dtype for t in stored],
-                         budget=self._budget, device=device,
+    def _make_storage(self, ns: _Namespace, device: torch.device | None) -> Storage:
+        """The one place a Storage is made (CONTRACTS.md 1), for namespace ``ns``
+        (``ns.key``: call index, autocast state) of rows ``ns.shapes``/``ns.dtypes``."""
+        return SlabStore(ns.shapes, ns.dtypes, budget=self._budget,
+                         device=device if device is not None else "cpu",
                          path=None if self.path is None else self._ns_dir(ns.key))
 
     def _save_structure(self, ns: _Namespace) -> None:
         if ns.prefix_specs is None or ns.spec is None or not self._path_claimed:
             return
         names = {id(m): name for name, m in self._prefix or ()}
-        storage = ns.storage
-        assert isinstance(storage, SlabStore)
         save_structure(self._ns_dir(ns.key), {
             "spec": ns.spec,
             "prefix_specs": {names[k]: v for k, v in ns.prefix_specs.items()},
-            "shapes": storage.shapes,
-            "dtypes": storage.dtypes,
+            "shapes": ns.shapes,
+            "dtypes": ns.dtypes,
+            "signature": ns.signature,
+            "forced_grad": self._forced_grad,
+            "verified": sorted(self._verified),
         })
         ns.saved = True
 
@@ -1002,6 +1110,8 @@ class FeatureCache:
         for name, module in [*prefix, (self._boundary_name, self._boundary)]:
             for tname, digest in fingerprint(module).items():
                 weights[f"{name}.{tname}" if name else tname] = digest
+        for name, tensor in self._guard.names_and_tensors_outside():
+            weights[name] = tensor_digest(tensor)
         return StoreMeta(boundary=self._boundary_name or describe(self._boundary),
                          dtype=str(self.dtype), weights=weights,
                          prefix=[name for name, _ in prefix])
@@ -1033,7 +1143,9 @@ class FeatureCache:
                     "entries would be stale. Pass overwrite=True to empty it and start "
                     "fresh, or use another path= for this model."
                 ) from None
-        self._adopt_prefix(prefix)
+        inside = [n for n in (*meta.prefix, self._boundary_name) if n]
+        outside = [n for n in meta.weights if not any(n.startswith(p + ".") for p in inside)]
+        self._adopt_prefix(prefix, self._outside_tensors(outside))
         self._claim_path()
 
     def _claim_path(self) -> None:
@@ -1041,19 +1153,20 @@ class FeatureCache:
         open_meta(self.path, self._meta_for(self._prefix or []), overwrite=self.overwrite)
         self._path_claimed = True
 
-    def _adopt_prefix(self, prefix: list[tuple[str, nn.Module]]) -> None:
+    def _adopt_prefix(self, prefix: list[tuple[str, nn.Module]],
+                      outside: list[tuple[str, nn.Module, str]]) -> None:
         """The prefix recorded with a store: no discovery pass, so no prefix call at all."""
         for name, m in prefix:
-            self._check_frozen(m, name)
+            guards.check_frozen(m, name)
             if self.pin_eval:
                 self._pin(m)
             else:
-                self._check_deterministic(m, name)
+                guards.check_deterministic(m, name)
         self._prefix = prefix
-        self._watch = [m for _, m in prefix] + [self._boundary]
+        self._prefix_names = {id(m): name for name, m in prefix}
         self._patches.extend(install(m, self._on_prefix, self) for _, m in prefix)
-        self._fingerprint = self._take_fingerprint()
-        self._rebuild_watch()
+        self._set_watch(prefix, outside)
+        self._guard.check_frozen(self._boundary_name)
 
     def _written(self) -> int:
         return sum(getattr(ns.storage, "written", 0) for ns in self._namespaces.values())
@@ -1133,12 +1246,23 @@ class FeatureCache:
             out.append((name, self._root.get_submodule(name)))
         return out
 
-    def _finish_discovery(self, state: _Pass, ns: _Namespace) -> None:
+    def _finish_discovery(self, state: _Pass, ns: _Namespace,
+                          computed: list[torch.Tensor]) -> None:
         disc = state.discovery
-        assert disc is not None
+        assert disc is not None and state.lineage is not None and state.random is not None
         disc.remove()
         state.discovery = None
+        state.lineage.active = state.random.active = False
         found = disc.prefix()
+        for feeder in self._feeders:
+            names = [n for n, _, _ in found]
+            fb = feeder._boundary_name
+            if not feeder.closed and not any(fb == n or fb.startswith(n + ".") for n in names):
+                raise CacheError(
+                    f"FeatureCache(upto={self.upto!r}) was made by advance() from the cache "
+                    f"upto={fb!r}, but {fb!r} does not run before {self.upto!r} returns, so it "
+                    "cannot feed it. advance() to a module that runs after it."
+                )
         if self.pin_eval:
             guessed = {id(m) for _, m in self._registered_prefix()}
             real = {id(m) for _, m, _ in found}
@@ -1146,19 +1270,26 @@ class FeatureCache:
                 if id(m) in guessed and id(m) not in real and m is not self._boundary:
                     self._unpin(m)
             for _, m, _ in found:
-                if not self._is_deterministic(m):
+                if not guards.is_deterministic(m) or state.random.found is not None:
                     state.store = False  # this pass ran it in train mode: do not keep it
                 self._pin(m)
         for name, m, _ in found:
-            self._check_frozen(m, name)
-            self._check_deterministic(m, name)
+            guards.check_frozen(m, name)
+            guards.check_deterministic(m, name)
+        if not self.pin_eval:
+            state.random.check()  # random ops no module class gives away (DropPath, F.dropout)
         self._prefix = [(name, m) for name, m, _ in found]
         self._prefix_names = {id(m): name for name, m in self._prefix}
-        self._watch = [m for _, m in self._prefix] + [self._boundary]
         self._patches.extend(install(m, self._on_prefix, self) for _, m in self._prefix)
         ns.prefix_specs = {id(m): [PrefixSpec(o, state.n) for o in outs] for _, m, outs in found}
-        self._fingerprint = self._take_fingerprint()
-        self._rebuild_watch()
+        # weights outside the prefix modules whose values reach the boundary's output
+        inside = [n for n, _ in self._prefix] + [self._boundary_name]
+        reaching = state.lineage.reaching(computed)
+        outside = {n for n in reaching if not any(n.startswith(p + ".") for p in inside)}
+        self._set_watch(self._prefix, self._outside_tensors(outside))
+        self._guard.check_frozen(self._boundary_name)
+        if state.random.found is None:
+            self._verified.add(self._guard.training())
         if self.path is not None:
             self._claim_path()
 
@@ -1178,118 +1309,57 @@ class FeatureCache:
             module.train(self._root.training)
         self._pinned.remove(module)
 
-    # ---------------------------------------------------------------- checks
-    def _check_frozen(self, module: nn.Module, name: str) -> None:
-        trainable = [n for n, p in module.named_parameters() if p.requires_grad]
-        if trainable:
-            shown = ", ".join(trainable[:4]) + (", ..." if len(trainable) > 4 else "")
-            where = f"the prefix module {name!r} ({describe(module)})" if name else \
-                f"this {describe(module)}"
-            raise CacheError(
-                f"FeatureCache cannot cache {where}: {len(trainable)} of its parameters are "
-                f"trainable ({shown}). A replayed output carries no gradient to them. Freeze "
-                f"it first (tfz.freeze(model, '{name or '<its name>'}')) or cache a smaller, "
-                "fully frozen prefix."
-            )
-
-    @staticmethod
-    def _is_deterministic(module: nn.Module) -> bool:
-        return not any(
-            (isinstance(m, _DROPOUT) and m.training and m.p > 0)
-            or (is_batchnorm(m) and (m.training or getattr(m, "running_mean", True) is None))
-            for m in module.modules()
-        )
-
-    def _check_deterministic(self, module: nn.Module, name: str) -> None:
-        what = f"the prefix module {name!r} ({describe(module)})" if name else \
-            f"this {describe(module)}"
-        for sub, m in module.named_modules():
-            where = ".".join(p for p in (name, sub) if p) or "<root>"
-            if isinstance(m, _DROPOUT) and m.training and m.p > 0:
-                raise CacheError(
-                    f"FeatureCache cannot cache {what}: dropout {where!r} (p={m.p}) is active "
-                    "because it is in train mode, so the output changes from call to call. "
-                    "Pass pin_eval=True to keep the cached prefix in eval mode through "
-                    "model.train(), or call .eval() on it."
-                )
-            if is_batchnorm(m) and (m.training or getattr(m, "running_mean", True) is None):
-                raise CacheError(
-                    f"FeatureCache cannot cache {what}: BatchNorm {where!r} normalises with "
-                    "batch statistics (train mode, or no running statistics), so a sample's "
-                    "output depends on its batch. Freeze it with tfz.freeze(..., bn='eval') "
-                    "(the default: pinned in eval), pass pin_eval=True, or call .eval() on it."
-                )
-
-    def _names_and_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for module in self._watch:
-            prefix = self._label(module)
-            for name, t in (*module.named_parameters(), *module.named_buffers()):
-                yield (f"{prefix}.{name}" if prefix else name), t
-
-    def _take_fingerprint(self) -> dict[str, tuple[int, int, int]]:
-        # _version counts in-place writes (optimizer steps, copy_, load_state_dict);
-        # data_ptr and id catch `.data =` and replaced tensors.
-        return {name: (id(t), t.data_ptr(), t._version) for name, t in self._names_and_tensors()}
-
+    # ---------------------------------------------------------------- guards
     def _label(self, top: nn.Module) -> str:
         return self._boundary_name if top is self._boundary else self._name_of(top)
 
+    def _set_watch(self, prefix: list[tuple[str, nn.Module]],
+                   outside: list[tuple[str, nn.Module, str]]) -> None:
+        """Watch the prefix modules, the boundary and the tensors outside them that reach
+        the boundary's output; the fingerprint starts from here."""
+        self._guard.named = [*prefix, (self._boundary_name, self._boundary)]
+        self._guard.outside = outside
+        self._rebuild_watch()
+        self._guard.fingerprint = self._guard.take_fingerprint()
+
     def _rebuild_watch(self) -> None:
-        """Flat lists for the every-batch scan: the tensors and the random modules."""
-        self._tensor_dicts: list[dict[str, Any]] = []
-        self._random: list[tuple[nn.Module, nn.Module]] = []
-        for top in self._watch:
-            for m in top.modules():
-                self._tensor_dicts += own_tensor_dicts(m)
-                if isinstance(m, _DROPOUT) or is_batchnorm(m):
-                    self._random.append((top, m))
-        self._tensors = [t for d in self._tensor_dicts for t in d.values() if t is not None]
+        self._guard.rebuild()
         self._structure = _registrations.count
-        self._fast_fingerprint = []
 
     def _scan(self) -> None:
         """Every-batch checks over flat lists (no names); names only on a finding."""
+        guard = self._guard
         if self._structure != _registrations.count:
             # a parameter, buffer or module was (re)assigned somewhere: maybe here
             self._rebuild_watch()
-        for top, m in self._random:
-            if m.training and not self._is_deterministic(m):
-                self._check_deterministic(top, self._label(top))
-        # _version counts in-place writes; data_ptr catches `.data =`; requires_grad an
-        # unfreeze. One flat list: this runs every batch.
-        key = list(map(_VERSION_GRAD, self._tensors))
-        key += map(_DATA_PTR, self._tensors)
-        if key != self._fast_fingerprint:
-            for top in self._watch:
-                self._check_frozen(top, self._label(top))
-            self._fast_fingerprint = key
+        guard.check_random()
+        if guard.changed():
+            guard.check_frozen(self._boundary_name)
             self._check_fingerprint()
 
     def _check_fingerprint(self) -> None:
-        now = self._take_fingerprint()
-        if now == self._fingerprint:
+        changed = self._guard.differences()
+        if not changed:
             return
-        changed = sorted(k for k in now.keys() | self._fingerprint.keys()
-                         if now.get(k) != self._fingerprint.get(k))
         if self.path is not None and self._path_claimed:
-            raise CacheError(
-                f"FeatureCache(path={self.path!r}): {changed[0]!r} of the cached prefix changed "
-                f"({len(changed)} tensor(s)), so the stored entries belong to other weights. A "
-                "persistent store keeps one prefix: create the FeatureCache again with another "
-                "path=, or with overwrite=True to empty it."
-            )
+            raise guards.changed_error(self.path, changed)
         dropped = len(self)
-        self._fingerprint = now
         if dropped:
             self._drop_entries()
             self.invalidations += 1
-            warnings.warn(
-                f"FeatureCache: {changed[0]!r} of the cached prefix changed since its outputs "
-                f"were stored ({len(changed)} tensor(s) changed); the {dropped} stored entries "
-                "were dropped and will be recomputed.",
-                UserWarning,
-                stacklevel=5,
-            )
+            guards.warn_dropped(changed, dropped)
+
+    def _outside_tensors(self, names: Iterable[str]) -> list[tuple[str, nn.Module, str]]:
+        """(name, owning module, attribute) of parameters/buffers named on the root."""
+        out = []
+        for name in sorted(names):
+            owner_name, _, attr = name.rpartition(".")
+            try:
+                owner = self._root.get_submodule(owner_name)
+            except AttributeError:
+                continue
+            out.append((name, owner, attr))
+        return out
 
     def _drop_entries(self, *, wipe: bool = False) -> None:
         for ns in self._namespaces.values():
@@ -1302,82 +1372,6 @@ class FeatureCache:
                 if name.startswith("ns-"):
                     shutil.rmtree(os.path.join(self.path, name), ignore_errors=True)
 
-    def _normalize_ids(self, sample_ids: Any) -> tuple[IdBatch, int]:
-        if isinstance(sample_ids, torch.Tensor):
-            if sample_ids.dim() != 1 or sample_ids.is_floating_point() or sample_ids.is_complex() \
-                    or sample_ids.dtype == torch.bool:
-                raise CacheError(
-                    f"sample_ids must be a 1-D integer tensor or a sequence of hashables, got a "
-                    f"{sample_ids.dtype} tensor of shape {tuple(sample_ids.shape)}."
-                )
-            if sample_ids.dtype != torch.long or sample_ids.device.type != "cpu":
-                sample_ids = sample_ids.to("cpu", torch.long)
-            return sample_ids, sample_ids.shape[0]
-        if hasattr(sample_ids, "tolist") and not isinstance(sample_ids, (str, bytes)):
-            sample_ids = sample_ids.tolist()  # numpy arrays
-        if isinstance(sample_ids, (str, bytes)) or not isinstance(sample_ids, Iterable):
-            raise CacheError(
-                f"sample_ids must be a sequence with one id per sample, got "
-                f"{describe(sample_ids)}."
-            )
-        ids = list(sample_ids)
-        for i in ids:
-            if not isinstance(i, Hashable) or isinstance(i, float):
-                raise CacheError(
-                    f"sample id {i!r} ({describe(i)}) cannot be a cache key; use ints or strings "
-                    "(a dataset index, a file name)."
-                )
-        if ids and all(type(i) is int for i in ids):
-            return torch.tensor(ids, dtype=torch.long), len(ids)
-        return ids, len(ids)
-
-    # ------------------------------------------------------------ validation
-    def _digest_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any],
-                       batch: int) -> list[bytes]:
-        hashers = [hashlib.blake2b(digest_size=16) for _ in range(batch)]
-        for value in (*args, *(v for _, v in sorted(kwargs.items()))):
-            if isinstance(value, Placeholder):
-                continue
-            if _is_batched(value, batch):
-                flat = value.detach().reshape(batch, -1).contiguous()
-                if flat.dtype == torch.bool:
-                    flat = flat.to(torch.uint8)
-                raw = flat.view(torch.uint8).cpu()
-                try:
-                    arr = raw.numpy()
-                except RuntimeError as exc:  # torch built without numpy
-                    raise CacheError("validate=True needs numpy to hash inputs.") from exc
-                tag = f"{value.dtype}{tuple(value.shape[1:])}".encode()
-                for i in range(batch):
-                    hashers[i].update(tag)
-                    hashers[i].update(arr[i].tobytes())
-            else:
-                tag = repr(value if not isinstance(value, torch.Tensor)
-                           else (value.dtype, tuple(value.shape))).encode()
-                for h in hashers:
-                    h.update(tag)
-        return [h.digest() for h in hashers]
-
     def _check_digests(self, state: _Pass, seg: _Segment) -> None:
-        if seg.digests is None:
-            return
-        keys = state.ids.tolist() if isinstance(state.ids, torch.Tensor) else state.ids
-        hashes = seg.ns.hashes
-        seen: dict[Hashable, bytes] = {}
-        for key, digest in zip(keys, seg.digests):
-            known = hashes.get(key, seen.get(key))
-            if known is not None and known != digest:
-                call = f" (call {state.call + 1} of the boundary in this keys() block)" \
-                    if state.call else ""
-                raise CacheError(
-                    f"Sample id {key!r} came back with a different input{call} than the one "
-                    "its output was stored from. An id must always name the same input: data "
-                    "augmentation or a changed dataset before the cached prefix, or a batch "
-                    "whose ids do not match its rows, or a model that calls the prefix in a "
-                    "different order than before (calls are keyed by their order inside one "
-                    "keys() block). Move augmentation after the prefix, fix the ids, or do not "
-                    "cache."
-                )
-            seen.setdefault(key, digest)
-        for key, digest in seen.items():
-            hashes.setdefault(key, digest)
+        if seg.digests is not None:
+            guards.check_digests(state.ids, seg.digests, seg.ns.hashes, state.call)

@@ -250,6 +250,16 @@ class SharedLog:
 
 
 # ---------------------------------------------------------------- metadata
+def tensor_digest(t: torch.Tensor) -> str:
+    """Content hash of one tensor: its dtype, shape and bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel():
+        h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def fingerprint(module: nn.Module) -> dict[str, str]:
     """Content hash of every parameter and buffer (name -> hex digest).
 
@@ -270,12 +280,7 @@ def fingerprint(module: nn.Module) -> dict[str, str]:
             continue
         key = id(t)
         if key not in seen:
-            h = hashlib.blake2b(digest_size=16)
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            flat = t.detach().to("cpu").contiguous().reshape(-1)
-            if flat.numel():
-                h.update(flat.view(torch.uint8).numpy().tobytes())
-            seen[key] = h.hexdigest()
+            seen[key] = tensor_digest(t)
         out[name] = seen[key]
     return out
 
@@ -394,6 +399,25 @@ _OURS = ("meta.json", "meta.lock")
 
 def _ours(name: str) -> bool:
     return name in _OURS or name.startswith(("ns-", "meta.json.tmp"))
+
+
+def check_store_folder(directory: str, *, overwrite: bool = False) -> None:
+    """Refuse, before anything is patched, a ``path=`` that cannot be a store: a file, or
+    a folder of files that are not a torchfreeze store."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise CacheError(
+            f"path={directory!r} is a file, not a folder: a feature store is a folder of slab "
+            "files and meta.json. Point path= at a new or empty folder."
+        )
+    if os.path.isdir(directory):
+        names = os.listdir(directory)
+        foreign = sorted(n for n in names if not _ours(n))
+        if foreign and "meta.json" not in names:
+            raise CacheError(
+                f"path={directory!r} holds files that are not a torchfreeze store "
+                f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); nothing was "
+                "changed. Point path= at an empty or new folder."
+            )
 
 
 def _empty(directory: str) -> None:
