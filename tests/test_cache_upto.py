@@ -206,7 +206,8 @@ def test_a_trainable_parameter_feeding_the_prefix_is_refused():
     model = TimmStyleViT()
     tfz.freeze(model, "patch_embed", "pos_embed", "blocks.{0..1}")   # cls_token trainable
     cache = tfz.FeatureCache(model, upto="blocks.1")
-    with pytest.raises(CacheError, match=r"'cls_token' is trainable and reaches the output of the boundary.*"
+    with pytest.raises(CacheError, match=r"'cls_token' is trainable and reaches the output of the "
+                       r"boundary.*"
                        r"class token.*tfz.freeze\(model, 'cls_token'\)"), \
             cache.keys(torch.arange(2)):
         model(torch.randn(2, 3, 8, 8))
