@@ -323,3 +323,29 @@ def test_an_open_cache_is_truthy_even_when_empty() -> None:
     assert len(cache) == 2
     cache.close()
     assert not cache
+
+
+# ------------------------------------------------------------------ 8. torch.compile
+@pytest.mark.parametrize("order", ["compile-after-cache", "cache-on-compiled", "one-module"])
+def test_torch_compile_works_in_every_order(order: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
+    tfz.freeze(model, "0", "2")
+    x, ids = torch.randn(4, 8), torch.arange(4)
+    want = model(x)
+    if order == "compile-after-cache":
+        cache = tfz.FeatureCache(model, upto="2")
+        run = torch.compile(model)
+    elif order == "cache-on-compiled":
+        run = torch.compile(model)
+        cache = tfz.FeatureCache(run, upto="_orig_mod.2")
+    else:
+        cache = tfz.FeatureCache(model[0])
+        run = torch.compile(model)
+    outs = []
+    for _ in range(2):
+        with cache.keys(ids):
+            outs.append(run(x))
+    assert (cache.hits, cache.misses) == (4, 4)
+    for out in outs:
+        torch.testing.assert_close(out, want)

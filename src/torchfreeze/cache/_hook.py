@@ -92,6 +92,10 @@ class PatchedForward:
         self.orig: Callable[..., Any] = module.forward
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            # under torch.compile the cache's bookkeeping (id index, stored rows) runs
+            # eagerly: dynamo breaks the graph here instead of tracing into the index
+            return _eager(self, args, kwargs)
         return self.handler(self, args, kwargs)
 
     # A copy must not carry the cache (its stored tensors) nor share it.
@@ -104,6 +108,11 @@ class PatchedForward:
         if self.had_own:
             return copy.deepcopy(self.orig, memo)
         return PlainForward(copy.deepcopy(self.module, memo))
+
+
+@torch.compiler.disable
+def _eager(patch: PatchedForward, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return patch.handler(patch, args, kwargs)
 
 
 def install(module: nn.Module, handler: Callable[..., Any], owner: object) -> PatchedForward:
