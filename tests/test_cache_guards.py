@@ -349,3 +349,46 @@ def test_torch_compile_works_in_every_order(order: str) -> None:
     assert (cache.hits, cache.misses) == (4, 4)
     for out in outs:
         torch.testing.assert_close(out, want)
+
+
+# ------------------------------------------------------------------ 5. partial hits
+def test_partial_hits_of_the_upto_form_replay_stored_rows_and_compute_only_the_rest() -> None:
+    model = frozen_bert()
+    x, ids = tokens(20, 12), torch.arange(20)
+    with torch.no_grad():
+        plain = torch.cat([model(x[b]).logits for b in ids.split(5)])
+    rows = [0]
+    model.bert.embeddings.word_embeddings.register_forward_hook(  # inside the prefix
+        lambda m, a, out: rows.__setitem__(0, rows[0] + out.shape[0]))
+    cache = tfz.FeatureCache(model, upto=UPTO)
+    with cache.keys(ids[:18:2]):  # 9 of 20 stored
+        model(x[:18:2])
+    rows[0] = 0
+    order = torch.randperm(20, generator=torch.Generator().manual_seed(0))
+    got = torch.empty(20, 3)
+    with torch.no_grad():
+        for b in order.split(5):
+            with cache.keys(b):
+                got[b] = model(x[b]).logits
+    assert (cache.hits, cache.misses) == (9, 9 + 11)  # hits counted per row
+    assert rows[0] == 11  # the prefix ran on the 11 missing rows only
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-6)
+    assert len(cache) == 20
+
+
+def test_partial_hits_keep_gradients_of_the_suffix_exact() -> None:
+    model = vit()
+    model.train()
+    model.head.weight.grad = None
+    x, ids = torch.randn(6, 3, 8, 8), torch.arange(6)
+    cache = tfz.FeatureCache(model, upto="blocks.1")
+    with cache.keys(ids[:3]):
+        model(x[:3])
+    with cache.keys(ids):
+        model(x).sum().backward()
+    cached = model.head.weight.grad.clone()
+    model.head.weight.grad = None
+    cache.close()
+    model(x).sum().backward()
+    assert cache.hits == 3
+    torch.testing.assert_close(cached, model.head.weight.grad)

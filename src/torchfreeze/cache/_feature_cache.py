@@ -106,7 +106,8 @@ class _Namespace:
 class _Segment:
     """One stretch of a forward: from the first patched call to the boundary's return."""
 
-    __slots__ = ("calls", "detector", "digests", "ns", "replay", "running", "slots", "specs")
+    __slots__ = ("calls", "detector", "digests", "hit_index", "miss_index", "ns", "replay",
+                 "running", "slots", "specs")
 
     def __init__(self, ns: _Namespace, replay: bool, slots: torch.Tensor | None) -> None:
         self.ns = ns
@@ -117,6 +118,9 @@ class _Segment:
         self.digests: list[bytes] | None = None
         self.detector: guards.RandomOps | None = None  # verifying a new train/eval state
         self.running: str | None = None
+        # a partial hit of the upto= form: the prefix runs on the missing rows only
+        self.hit_index: torch.Tensor | None = None
+        self.miss_index: torch.Tensor | None = None
 
 
 class _Pass:
@@ -743,6 +747,8 @@ class FeatureCache:
                 if self._filling:
                     raise _StopAtBoundary
                 return out
+            if seg.miss_index is not None:
+                return self._partial_boundary(state, seg, patch, args, kwargs)
             if disc is not None:
                 disc.running.append(repr(self._boundary_name))
             seg.running = repr(self._boundary_name)
@@ -773,6 +779,52 @@ class FeatureCache:
             state.segment = None
             state.call += 1
             self._clock.tick += 1
+
+    def _partial_boundary(self, state: _Pass, seg: _Segment, patch: PatchedForward,
+                          args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The boundary on a partial hit: compute and store the missing rows, replay the
+        stored ones, hand out the full batch in batch order."""
+        assert seg.miss_index is not None and seg.hit_index is not None
+        assert seg.slots is not None and seg.ns.storage is not None
+        batch, miss, ns = state.n, seg.miss_index, seg.ns
+        self._check_digests(state, seg)
+        sub_args, sub_kwargs = pytree.tree_map(lambda v: _take(v, batch, miss), (args, kwargs))
+        out = patch.orig(*sub_args, **sub_kwargs)
+        spec, computed = flatten_output(out, len(miss))
+        self._refuse_grad(state, computed)
+        sub_ids: IdBatch = (state.ids.index_select(0, miss)
+                            if isinstance(state.ids, torch.Tensor)
+                            else [state.ids[i] for i in miss.tolist()])
+        fresh = self._store(ns, spec, sub_ids, computed)
+        self.misses += len(miss)
+        self.hits += len(seg.hit_index)
+        if self._filling:
+            raise _StopAtBoundary
+        return self._merge(state, seg, spec, fresh)
+
+    def _merge(self, state: _Pass, seg: _Segment, spec: OutputSpec,
+               fresh: list[torch.Tensor]) -> Any:
+        """Computed rows (``seg.miss_index``) and stored ones (``seg.hit_index``) as one
+        output of the whole batch."""
+        assert seg.miss_index is not None and seg.hit_index is not None
+        assert seg.slots is not None and seg.ns.storage is not None
+        batch, miss, hit = state.n, seg.miss_index, seg.hit_index
+        replayed = self._as_output(spec, seg.ns.storage.read(seg.slots[hit], spec.device))
+        merged = []
+        for i, (r, c) in enumerate(zip(replayed, fresh)):
+            if r.shape[1:] != c.shape[1:]:
+                raise CacheError(
+                    f"Output tensor {i} of the cached module has per-sample shape "
+                    f"{tuple(c.shape[1:])} in this batch but {tuple(r.shape[1:])} for the cached "
+                    "samples (dynamic padding?). Pad inputs to a fixed length when caching."
+                )
+            full = torch.empty((batch, *c.shape[1:]), dtype=c.dtype, device=c.device)
+            full.index_copy_(0, miss.to(c.device), c)
+            full.index_copy_(0, hit.to(c.device), r.to(c.device))
+            if self._forced_grad and full.is_floating_point() and not c.requires_grad:
+                full.requires_grad_()
+            merged.append(full)
+        return unflatten_output(spec, merged)
 
     def _on_root(self, patch: PatchedForward, args: tuple[Any, ...],
                  kwargs: dict[str, Any]) -> Any:
@@ -834,11 +886,54 @@ class FeatureCache:
             state.replayed = True
             return specs[k].placeholders(state.n, self._clock, self._name_of(patch.module))
         seg.running = repr(self._name_of(patch.module))
+        if seg.miss_index is not None:
+            k = seg.calls.get(key, 0)
+            seg.calls[key] = k + 1
+            return self._missing_rows(seg, patch, args, kwargs, key, k, state.n)
         out = patch.orig(*args, **kwargs)
         seg.running = None
         if seg.specs is not None:
             seg.specs.setdefault(key, []).append(PrefixSpec(out, state.n))
         return out
+
+    def _missing_rows(self, seg: _Segment, patch: PatchedForward, args: tuple[Any, ...],
+                      kwargs: dict[str, Any], key: int, k: int, batch: int) -> Any:
+        """A prefix module on a partial hit: run it on the missing rows only and hand the
+        model full-batch outputs whose stored rows hold zeros (no one reads them: the
+        boundary replays those rows)."""
+        assert seg.miss_index is not None and seg.ns.prefix_specs is not None
+        miss = seg.miss_index
+        specs = seg.ns.prefix_specs.get(key, [])
+        if k >= len(specs):
+            raise CacheError(
+                f"Prefix module {self._name_of(patch.module)!r} of FeatureCache(upto="
+                f"{self.upto!r}) was called {k + 1} times in this batch but {len(specs)} "
+                "when its entries were stored: the model takes another path now. clear() "
+                "the cache, or cache a prefix that always runs the same way."
+            )
+        sub_args, sub_kwargs = pytree.tree_map(lambda v: _take(v, batch, miss), (args, kwargs))
+        out = patch.orig(*sub_args, **sub_kwargs)
+        flat, treespec = pytree.tree_flatten(out)
+        full = []
+        for x, leaf in zip(flat, specs[k].leaves):
+            if isinstance(x, torch.Tensor) and getattr(leaf, "per_sample", False):
+                whole = x.new_zeros((batch, *x.shape[1:]))
+                whole.index_copy_(0, miss.to(x.device), x)
+                x = whole
+            full.append(x)
+        return pytree.tree_unflatten(full, treespec)
+
+    def _partial_ok(self, ns: _Namespace) -> bool:
+        """Whether a partial hit can run the prefix on its missing rows only: every prefix
+        output is per sample, and no other cache patches these modules."""
+        if not self._prefix or ns.prefix_specs is None or ns.spec is None or self._feeders:
+            return False
+        for _, m in self._prefix:
+            if sum(1 for _ in patches_of(m)) != 1:
+                return False
+        return all(getattr(leaf, "per_sample", True)
+                   for specs in ns.prefix_specs.values() for spec in specs
+                   for leaf in spec.leaves)
 
     def _check_signature(self, ns: _Namespace, args: tuple[Any, ...],
                          kwargs: dict[str, Any], first: str) -> None:
@@ -902,6 +997,11 @@ class FeatureCache:
         if verify:
             replay = False  # a train/eval state not seen yet: compute it under the detector
         seg = _Segment(ns, replay, slots)
+        if not replay and not verify and slots is not None and n and self._prefix and \
+                state.store and bool((slots >= 0).any()) and self._partial_ok(ns):
+            hit = slots >= 0
+            seg.hit_index = hit.nonzero().squeeze(1)
+            seg.miss_index = (~hit).nonzero().squeeze(1)
         if not replay and self._prefix and ns.prefix_specs is None:
             seg.specs = {}
         if self.validate and state.discovery is None:
@@ -948,8 +1048,8 @@ class FeatureCache:
             self.misses += batch
             return out if self.dtype is None else unflatten_output(spec, fresh)
         assert hit is not None and seg.slots is not None and ns.storage is not None
-        miss_index = (~hit).nonzero().squeeze(1)
-        hit_index = hit.nonzero().squeeze(1)
+        seg.miss_index = miss_index = (~hit).nonzero().squeeze(1)
+        seg.hit_index = hit.nonzero().squeeze(1)
         sub_args = tuple(_take(a, batch, miss_index) for a in args)
         sub_kwargs = {k: _take(v, batch, miss_index) for k, v in kwargs.items()}
         out = patch.orig(*sub_args, **sub_kwargs)
@@ -960,20 +1060,7 @@ class FeatureCache:
         fresh = self._store(ns, spec, sub_ids, computed)
         self.misses += len(miss_index)
         self.hits += n_hit
-        replayed = self._as_output(spec, ns.storage.read(seg.slots[hit_index], spec.device))
-        merged = []
-        for i, (r, c) in enumerate(zip(replayed, fresh)):
-            if r.shape[1:] != c.shape[1:]:
-                raise CacheError(
-                    f"Output tensor {i} of the cached module has per-sample shape "
-                    f"{tuple(c.shape[1:])} in this batch but {tuple(r.shape[1:])} for the cached "
-                    "samples (dynamic padding?). Pad inputs to a fixed length when caching."
-                )
-            full = torch.empty((batch, *c.shape[1:]), dtype=c.dtype, device=c.device)
-            full.index_copy_(0, miss_index.to(c.device), c)
-            full.index_copy_(0, hit_index.to(c.device), r.to(c.device))
-            merged.append(full)
-        return unflatten_output(spec, merged)
+        return self._merge(state, seg, spec, fresh)
 
     def _refuse_grad(self, state: _Pass, leaves: list[torch.Tensor]) -> None:
         """The gradient guard: a boundary output that requires grad is refused unless

@@ -110,9 +110,12 @@ class PatchedForward:
         return PlainForward(copy.deepcopy(self.module, memo))
 
 
-@torch.compiler.disable
-def _eager(patch: PatchedForward, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _run_handler(patch: PatchedForward, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return patch.handler(patch, args, kwargs)
+
+
+_eager: Callable[[PatchedForward, tuple[Any, ...], dict[str, Any]], Any] = \
+    torch.compiler.disable(_run_handler)
 
 
 def install(module: nn.Module, handler: Callable[..., Any], owner: object) -> PatchedForward:
