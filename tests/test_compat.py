@@ -158,3 +158,10 @@ def test_children_and_wrapper_hooks(gloo_group) -> None:
     assert _compat.module_hooks(ddp) == []
     ddp.register_forward_hook(lambda mod, args, out: None)
     assert _compat.module_hooks(ddp) == ["_forward_hooks"]
+
+
+def test_version_counter_counts_in_place_writes() -> None:
+    t = torch.zeros(3)
+    before = _compat.version_and_grad(t)
+    t.add_(1)
+    assert _compat.version_and_grad(t)[0] == before[0] + 1 and before[1] is False

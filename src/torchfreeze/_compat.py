@@ -38,6 +38,7 @@ __all__ = [
     "BatchNormBase",
     "InstanceNormBase",
     "NormBase",
+    "TorchDispatchMode",
     "check_torch_version",
     "child_modules",
     "child_schedulers",
@@ -68,6 +69,12 @@ TESTED_TORCH = "2.13.0"
 """The torch CI runs (``.ci/constraints.txt``)."""
 
 PRIVATE_APIS: dict[str, str] = {
+    "Tensor._version":
+        "in-place write counter of a tensor: FeatureCache drops or refuses entries when a "
+        "watched tensor was written (cache/_guards.py Watch)",
+    "torch.utils._python_dispatch.TorchDispatchMode":
+        "sees the aten ops that run, so FeatureCache detects random ops by their "
+        "nondeterministic_seeded tag (cache/_guards.py RandomOps)",
     "torch.nn.modules.batchnorm._BatchNorm":
         "base class of BatchNorm1d/2d/3d, SyncBatchNorm and LazyBatchNorm: BN policies (norm.py)",
     "torch.nn.modules.batchnorm._NormBase":
@@ -212,6 +219,8 @@ def own_tensor_dicts(module: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]
     return module._parameters, module._buffers
 
 
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
 #: ``(tensor._version, tensor.requires_grad)`` in one C-level call: ``_version`` counts
 #: in-place writes (optimizer steps, ``copy_``, ``load_state_dict``); the cache reads it
 #: for every watched tensor on every batch.
@@ -343,6 +352,8 @@ def missing_private_apis() -> list[str]:
     missing = []
     if disabled_torch_function is None:
         missing.append("torch._C._disabled_torch_function_impl")
+    if not hasattr(torch.Tensor, "_version"):
+        missing.append("Tensor._version")
     if not hasattr(torch.Tensor, "_make_wrapper_subclass"):
         missing.append("torch.Tensor._make_wrapper_subclass")
     if not hasattr(torch, "_foreach_norm"):

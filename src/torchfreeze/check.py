@@ -57,6 +57,7 @@ from torch import nn
 
 from ._compat import ddp_delays_all_reduce, ddp_logging_data
 from ._report import Report
+from .cache._guards import DROPOUT
 from .errors import CheckError, ModelTypeError, TorchfreezeError
 from .norm import FrozenBatchNorm, bn_policy, is_batchnorm
 from .select import ModelIndex
@@ -796,8 +797,7 @@ def _check_scheduler(scheduler: Any, optimizers: list[Any]) -> list[Finding]:
     return []
 
 
-_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-            nn.FeatureAlphaDropout)
+_DROPOUT = DROPOUT  # the cache's rule: one list of dropout classes
 
 
 def _frozen_prefix_boundary(idx: ModelIndex) -> str | None:

@@ -21,8 +21,12 @@ The package is split by concern:
   ``persist``: the feature store behind the seam: one dense slab per output
   tensor in RAM or in files, a tensor id index, and the ``path=`` directory
   that persists, is shared by the processes of a node and survives a killed writer;
-* ``_feature_cache``: the public :class:`FeatureCache` (keys(), namespaces,
-  refusals, invalidation, validation).
+* ``_guards``: every rule that can refuse or invalidate a replay, each written once
+  with its message (input signature, trainable or changed tensors inside and
+  outside the prefix modules, random ops, ids, ``validate=True`` digests): adding a
+  guard touches this file;
+* ``_feature_cache``: the public :class:`FeatureCache`, which orchestrates them
+  (keys(), namespaces, replay, partial hits, storing).
 
 Decisions worth knowing:
 

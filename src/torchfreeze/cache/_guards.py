@@ -41,10 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .._compat import own_tensor_dicts, pytree, version_and_grad
+from .._compat import TorchDispatchMode, own_tensor_dicts, pytree, version_and_grad
 from ..errors import CacheError
 from ..norm import is_batchnorm
 from ._storage import IdBatch
@@ -257,7 +256,7 @@ def _sig(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         # dim 0 is the batch (its size varies); every other dim, the dtype and the
         # device must match what the stored entries were computed from
-        return ("tensor", tuple(value.shape[1:]), value.dim(), value.dtype, str(value.device))
+        return ("tensor", value.shape[1:], value.dim(), value.dtype, value.device)
     if value is None or isinstance(value, (bool, int, float, str, bytes)):
         return value
     if isinstance(value, (tuple, list)):
@@ -280,7 +279,7 @@ def signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Sig:
 def _show(sig: Any) -> str:
     if isinstance(sig, tuple) and sig and sig[0] == "tensor":
         _, shape, dim, dtype, device = sig
-        per = f"per-sample shape {shape}" if dim else "a 0-d tensor"
+        per = f"per-sample shape {tuple(shape)}" if dim else "a 0-d tensor"
         name = str(dtype).replace("torch.", "")
         return f"{'an' if name[0] in 'aeiou' else 'a'} {name} tensor of {per} on {device}"
     return repr(sig)
