@@ -364,6 +364,7 @@ def named_tensors(root: nn.Module) -> dict[int, str]:
 
 # ----------------------------------------------------------------------- watching
 _DATA_PTR = operator.methodcaller("data_ptr")
+_TRAINING = operator.attrgetter("training")
 
 
 class Watch:
@@ -426,7 +427,7 @@ class Watch:
         return True
 
     def training(self) -> tuple[bool, ...]:
-        return tuple(m.training for m in self.modules)
+        return tuple(map(_TRAINING, self.modules))
 
     def check_frozen(self, boundary: str) -> None:
         for label, top in self.named:
