@@ -223,3 +223,76 @@ def test_usage_errors_exit_2(capsys):
     assert code == 2 and "did you mean 'linear-probe'" in err
     assert {a.dest for a in build_parser()._subparsers._group_actions[0].choices["diff"]
             ._actions} >= {"files", "expect_frozen", "plot", "json"}
+
+
+# ------------------------------------------------------------------ rough edges
+def test_inspect_with_a_factory_that_raises_is_one_line_and_exit_2(tmp_path, capsys,
+                                                                    monkeypatch):
+    (tmp_path / "badmodels.py").write_text("def build():\n    raise ValueError('no config')\n")
+    ckpt = tmp_path / "w.safetensors"
+    save_file({"w": torch.zeros(2)}, str(ckpt))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "inspect", str(ckpt), "--model", "badmodels:build")
+    assert code == 2
+    assert "the factory raised ValueError: no config" in err and "Traceback" not in err + out
+
+
+def test_diff_checkpoints_accepts_paths_and_refuses_other_things(tmp_path):
+    a, b = {"w": torch.ones(2), "v": torch.zeros(2)}, {"w": torch.ones(2), "v": torch.ones(2)}
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+    d = diff_checkpoints(str(tmp_path / "a.safetensors"), tmp_path / "b.safetensors",
+                         expect_frozen=["w"])
+    assert d.ok and d.changed == ("v",)
+    with pytest.raises(TypeError, match=r"state dict or a checkpoint path, got a list.*"
+                       r"tfz.read_state_dict"):
+        diff_checkpoints([1, 2], a)  # type: ignore[arg-type]
+
+
+def test_diff_uses_the_bitwise_rule_of_verify_nan_is_unchanged(tmp_path, capsys):
+    sd = {"w": torch.tensor([float("nan"), 1.0]), "b": torch.ones(3)}
+    save_file(sd, str(tmp_path / "a.safetensors"))
+    save_file(sd, str(tmp_path / "b.safetensors"))
+    code, out, err = run(capsys, "diff", str(tmp_path / "a.safetensors"),
+                         str(tmp_path / "b.safetensors"), "--expect-frozen", "w")
+    assert code == 0, out + err
+    model = torch.nn.Linear(2, 1).requires_grad_(False)  # verify agrees: NaN stays NaN
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with tfz.verify(model) as report:
+        pass
+    assert report.ok
+
+
+def test_a_dtype_change_is_named_as_such_not_as_a_reshape():
+    a = {"w": torch.ones(2, 2)}
+    d = diff_checkpoints(a, {"w": torch.ones(2, 2, dtype=torch.bfloat16)})
+    assert [t.status for t in d.tensors] == ["retyped"]
+    assert "retyped: w" in str(d) or "retyped" in json.dumps(d.to_dict())
+
+
+def test_inspect_does_not_count_integer_buffers_as_params(tmp_path):
+    save_file({"emb.weight": torch.zeros(4, 3), "emb.position_ids": torch.arange(10)},
+              str(tmp_path / "m.safetensors"))
+    info = tfz.inspect_checkpoint(str(tmp_path / "m.safetensors"), depth=1)
+    assert info.params == 12 and [r.params for r in info.rows] == [12]
+
+
+def test_demo_help_lists_every_strategy():
+    from torchfreeze.demo_news import STRATEGIES
+
+    demo = build_parser()._subparsers._group_actions[0].choices["demo"]  # type: ignore[union-attr]
+    text = demo.format_help()
+    assert all(name in text for name in STRATEGIES), [n for n in STRATEGIES if n not in text]
+
+
+def test_diff_reads_a_trusted_pickle_with_the_flag_its_error_names(tmp_path, capsys):
+    import argparse
+
+    for name in ("a.pt", "b.pt"):  # a Python object beside the weights: weights_only refuses
+        torch.save({"w": torch.ones(2), "args": argparse.Namespace(lr=0.1)}, tmp_path / name)
+    code, _, err = run(capsys, "diff", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"))
+    assert code == 2 and "--unsafe-pickle" in err
+    code, _, err = run(capsys, "diff", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"),
+                       "--unsafe-pickle")
+    assert code == 0, err

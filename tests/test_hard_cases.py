@@ -371,9 +371,11 @@ def _gpt2() -> nn.Module:
 def test_freezing_a_tied_head_warns_naming_both_names() -> None:
     gpt2 = _gpt2()
     assert gpt2.lm_head.weight is gpt2.transformer.wte.weight
-    with pytest.warns(TiedWeightWarning, match="'lm_head.weight'.*'transformer.wte.weight'"):
+    with pytest.warns(TiedWeightWarning, match="'lm_head.weight'.*'transformer.wte.weight'.*"
+                      "both names are frozen"):
         tfz.freeze(gpt2, "lm_head")
-    with pytest.warns(TiedWeightWarning, match="'transformer.wte.weight'.*'lm_head.weight'"):
+    with pytest.warns(TiedWeightWarning, match="'transformer.wte.weight'.*'lm_head.weight'.*"
+                      "both names are unfrozen"):
         tfz.unfreeze(gpt2, "transformer.wte")
     with warnings.catch_warnings():
         warnings.simplefilter("error", TiedWeightWarning)

@@ -643,7 +643,8 @@ def test_inspect_safetensors_file(tmp_path) -> None:
     row = info.rows[1]
     assert (row.name, row.tensors, row.params, row.shapes, row.dtypes) == (
         "0.weight", 1, 32, ((8, 4),), ("float16",))
-    assert info.tensors == 9 and info.params == 32 + 8 + 4 * 8 + 1 + 16 + 2
+    # num_batches_tracked (int64) is no parameter: not counted
+    assert info.tensors == 9 and info.params == 32 + 8 + 4 * 8 + 16 + 2
     assert info.dtypes == {"float16": 8, "int64": 1}
     assert info.format == "safetensors" and info.metadata == {"format": "pt", "step": "1000"}
     assert "0.weight" in str(info) and "(8, 4)" in str(info)
@@ -655,7 +656,7 @@ def test_inspect_pt_state_dict_by_module(tmp_path) -> None:
     names = [r.name for r in info.rows]
     assert names == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
     layer1 = info.rows[2]
-    assert layer1.tensors == 6 and layer1.params == 8 * 8 * 9 + 8 * 4 + 1
+    assert layer1.tensors == 6 and layer1.params == 8 * 8 * 9 + 8 * 4  # no int counter
     assert layer1.shapes[0] == (8, 8, 3, 3)
     assert info.unwrapped == ("state_dict",) and info.metadata == {"epoch": "4"}
     data = info.to_dict()

@@ -212,7 +212,8 @@ def _read_pickle(path: Path, *, unsafe_pickle: bool) -> Any:
                 f"{path} contains a pickled Python object ({name}), not just tensors. "
                 "torchfreeze reads pickles with torch.load(weights_only=True) because "
                 "unpickling arbitrary objects can execute arbitrary code. If you trust this "
-                "file, pass unsafe_pickle=True; or allow just that class with "
+                "file, pass unsafe_pickle=True (on the command line: --unsafe-pickle); or "
+                "allow just that class with "
                 f"torch.serialization.add_safe_globals([{name}])."
             ) from exc
         raise _corrupt(path, exc) from exc
@@ -439,8 +440,10 @@ class CheckpointRow:
     Attributes:
         name: module prefix (``""`` for top-level tensors) or tensor name.
         tensors: number of tensors in the row.
-        params: number of values in them (parameters and buffers alike: a
-            checkpoint does not say which is which).
+        params: number of floating-point (and complex) values in them: what
+            can be a parameter. Integer tensors (``position_ids``, BatchNorm's
+            ``num_batches_tracked``) are never counted; float buffers (running
+            statistics) are, as a checkpoint does not say which is which.
         shapes: each tensor's shape, row order.
         dtypes: distinct dtypes, first-seen order.
         nbytes: bytes of tensor data.
@@ -508,6 +511,10 @@ class CheckpointInfo(Report):
         return Group(*lines)
 
 
+def _can_be_parameter(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
 def _fmt_shape(shape: tuple[int, ...]) -> str:
     return str(tuple(shape))
 
@@ -534,7 +541,7 @@ def inspect_checkpoint(
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
         >>> info = tl.inspect_checkpoint(net, depth=1)
         >>> [(r.name, r.tensors, r.params) for r in info.rows]
-        [('0', 2, 40), ('1', 5, 33)]
+        [('0', 2, 40), ('1', 5, 32)]
     """
     if depth is not None and depth < 0:
         raise LoadError(f"depth must be None or >= 0, got {depth}; use depth=1 for top-level.")
@@ -547,7 +554,7 @@ def inspect_checkpoint(
         CheckpointRow(
             name=key,
             tensors=len(items),
-            params=sum(t.numel() for _, t in items),
+            params=sum(t.numel() for _, t in items if _can_be_parameter(t)),
             shapes=tuple(tuple(t.shape) for _, t in items),
             dtypes=tuple(dict.fromkeys(_dtype(t) for _, t in items)),
             nbytes=sum(t.numel() * t.element_size() for _, t in items),
@@ -560,7 +567,7 @@ def inspect_checkpoint(
         format=ckpt.format,
         rows=rows,
         tensors=len(values),
-        params=sum(t.numel() for t in values),
+        params=sum(t.numel() for t in values if _can_be_parameter(t)),
         nbytes=sum(r.nbytes for r in rows),
         dtypes=dict(Counter(_dtype(t) for t in values)),
         depth=depth,

@@ -64,10 +64,10 @@ EXIT_USAGE = 2
 # commands
 
 
-def _read(path: str) -> dict[str, torch.Tensor]:
+def _read(path: str, *, unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
     from .load import read_state_dict
 
-    return read_state_dict(path)
+    return read_state_dict(path, unsafe_pickle=unsafe_pickle)
 
 
 def _json_out(data: Any) -> None:
@@ -122,7 +122,8 @@ def _diff_files(args: argparse.Namespace) -> tuple[str, str]:
 
 def _cmd_diff(args: argparse.Namespace) -> int:
     before_path, after_path = _diff_files(args)
-    before, after = _read(before_path), _read(after_path)
+    before = _read(before_path, unsafe_pickle=args.unsafe_pickle)
+    after = _read(after_path, unsafe_pickle=args.unsafe_pickle)
     diff = diff_checkpoints(
         before, after, expect_frozen=args.expect_frozen or (), depth=args.depth,
         before_name=before_path, after_name=after_path,
@@ -171,7 +172,16 @@ def _load_factory(spec: str) -> torch.nn.Module:
                 f"It has: {', '.join(public) or '(nothing public)'}."
             )
         obj = getattr(obj, part)
-    model = obj if isinstance(obj, torch.nn.Module) else obj() if callable(obj) else obj
+    model = obj
+    if not isinstance(obj, torch.nn.Module) and callable(obj):
+        try:
+            model = obj()
+        except Exception as exc:  # the user's code: one line, exit 2, not a traceback
+            raise TorchfreezeError(
+                f"--model {spec!r}: the factory raised {type(exc).__name__}: {exc}. Fix the "
+                f"factory (run `python -c \"import {mod_name}; {mod_name}.{attr}()\"` to "
+                "see the traceback)."
+            ) from None
     if not isinstance(model, torch.nn.Module):
         raise TorchfreezeError(
             f"--model {spec!r} gave a {type(model).__name__}, not an nn.Module. Point it at a "
@@ -272,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  gradual-unfreeze  GradualUnfreeze from the top with layer decay\n"
             "  full-fine-tune    a plain PyTorch loop (the baseline)\n"
             "  from-scratch      the same architecture and recipe from random weights\n"
+            "  auto-freeze       full fine-tune + tfz.AutoFreeze: freezes a growing prefix as\n"
+            "                    it settles, cached with FeatureCache\n"
             "Prints a table (test accuracy, train seconds, speed-up, trainable parameters,\n"
             "optimizer state, verify's verdict) and writes results.json and demo.png to --out.\n"
             "--task digits runs the small CNN job on scikit-learn's digits instead.\n"
@@ -334,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: each tensor's own module)")
     diff.add_argument("--plot", metavar="FILE", help="write a per-module drift bar chart (PNG)")
     diff.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    diff.add_argument("--unsafe-pickle", action="store_true",
+                      help="read pickled checkpoints with weights_only=False (runs code "
+                           "from the file: only for files you trust)")
     diff.set_defaults(func=_cmd_diff)
     return parser
 

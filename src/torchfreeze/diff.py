@@ -14,6 +14,7 @@ This module sits below the command line (``cli.py``) and the plots
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from ._bits import bit_equal
 from ._report import Report, fmt_count, short_path
 from .errors import SelectionError
 from .select import closest_names, name_tests
@@ -126,9 +128,10 @@ class TensorChange:
 
     Attributes:
         name: the tensor's key.
-        status: ``"same"`` (bit-identical), ``"changed"``, ``"reshaped"``
-            (shape or dtype differs), ``"added"`` (only in AFTER) or
-            ``"removed"`` (only in BEFORE).
+        status: ``"same"`` (bit-identical: a NaN equals the same NaN, as in
+            :func:`~torchfreeze.verify`), ``"changed"``, ``"reshaped"`` (shape
+            differs), ``"retyped"`` (dtype differs, e.g. fp32 vs bf16), ``"added"``
+            (only in AFTER) or ``"removed"`` (only in BEFORE).
         shape: shape in BEFORE (AFTER for added tensors).
         rel_change: ``‖after − before‖ / ‖before‖`` (L2 over all values);
             ``None`` where it is undefined (reshaped, added, removed, or a
@@ -232,7 +235,7 @@ class CheckpointDiff(Report):
             f"{len(moved)} of {len(self.tensors)} tensors changed"
             + (f"; {len(self.expected_frozen)} expected frozen" if self.expect_frozen else ""),
             style="bold")]
-        odd = [t for t in moved if t.status in ("reshaped", "added", "removed")]
+        odd = [t for t in moved if t.status in ("reshaped", "retyped", "added", "removed")]
         for t in odd[:10]:
             lines.append(Text(f"  {t.status}: {t.name}", style="yellow"))
         if self.not_compared:
@@ -284,9 +287,11 @@ def _compare(name: str, a: torch.Tensor | None, b: torch.Tensor | None) -> tuple
         assert t is not None
         status = "added" if a is None else "removed"
         return TensorChange(name, status, tuple(t.shape)), math.nan, 0.0
-    if a.shape != b.shape or a.dtype != b.dtype:
+    if a.shape != b.shape:
         return TensorChange(name, "reshaped", tuple(a.shape)), math.nan, 0.0
-    if torch.equal(a, b):
+    if a.dtype != b.dtype:
+        return TensorChange(name, "retyped", tuple(a.shape)), math.nan, 0.0
+    if bit_equal(a, b):
         norm = float(a.double().pow(2).sum()) if a.numel() else 0.0
         return TensorChange(name, "same", tuple(a.shape), 0.0, 0.0), 0.0, norm
     da, db = a.detach().double(), b.detach().double()
@@ -329,9 +334,24 @@ def _trainable_dtype(t: torch.Tensor | None) -> bool:
     return t is not None and (t.is_floating_point() or t.is_complex())
 
 
+def _as_state_dict(source: Any, which: str) -> Mapping[str, torch.Tensor]:
+    """A path is read with :func:`~torchfreeze.read_state_dict`; a mapping is used as is."""
+    if isinstance(source, (str, os.PathLike)):
+        from ._checkpoint import read_state_dict
+
+        return read_state_dict(source)
+    if not isinstance(source, Mapping):
+        raise TypeError(
+            f"diff_checkpoints({which}=...) takes a state dict or a checkpoint path, got a "
+            f"{type(source).__name__}. Read other sources with tfz.read_state_dict(...) first "
+            "(it also takes unsafe_pickle=True for a trusted pickle)."
+        )
+    return source
+
+
 def diff_checkpoints(
-    before: Mapping[str, torch.Tensor],
-    after: Mapping[str, torch.Tensor],
+    before: Mapping[str, torch.Tensor] | str | os.PathLike[str],
+    after: Mapping[str, torch.Tensor] | str | os.PathLike[str],
     *,
     expect_frozen: Sequence[str] = (),
     depth: int | None = None,
@@ -342,8 +362,9 @@ def diff_checkpoints(
     """Compare two state dicts tensor by tensor.
 
     Args:
-        before: the reference state dict (e.g. the pretrained checkpoint).
-        after: the state dict to check (e.g. after fine-tuning).
+        before: the reference state dict (e.g. the pretrained checkpoint), or a
+            checkpoint path (read with :func:`~torchfreeze.read_state_dict`).
+        after: the state dict (or path) to check (e.g. after fine-tuning).
         expect_frozen: selectors (the shared string grammar, over the keys of
             both, in either one's spelling) naming tensors that must be
             bit-identical.
@@ -375,6 +396,7 @@ def diff_checkpoints(
         >>> d.alignment, d.changed
         ("removed prefix 'model.'", ('head.w',))
     """
+    before, after = _as_state_dict(before, "before"), _as_state_dict(after, "after")
     alignment, aligned = "", dict[str, str]()
     if align:
         after, alignment, aligned = _align_after(before, after)

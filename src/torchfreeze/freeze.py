@@ -50,10 +50,11 @@ def _refuse_wrapped(model: nn.Module, action: str) -> None:
 
 def warn_tied(sel: Selection, action: str, stacklevel: int = 3) -> None:
     """Say when a tied parameter changes under a name the selectors did not cover."""
+    done = {"freeze": "frozen", "unfreeze": "unfrozen"}.get(action, f"{action}d")
     for inside, outside in sel.tied:
         warnings.warn(
             f"{action} {inside!r} also {action}s {outside!r}: they are one tied tensor "
-            f"(weight tying), so both names are {action}n. Select both names to make this "
+            f"(weight tying), so both names are {done}. Select both names to make this "
             "explicit, or untie the weights first if you meant only one.",
             TiedWeightWarning,
             stacklevel=stacklevel,

@@ -36,6 +36,7 @@ from rich.table import Table
 from rich.text import Text
 from torch import nn
 
+from ._bits import bits
 from ._report import Report, fmt_count
 from .errors import FrozenStateChanged, ModelTypeError
 from .norm import FrozenBatchNorm, bn_policy, is_batchnorm
@@ -43,7 +44,6 @@ from .select import ModelIndex
 
 __all__ = ["VerifyReport", "verify"]
 
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _SHOWN = 15
 
 
@@ -149,17 +149,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return (to_local() if callable(to_local) else t).detach()
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """A flat integer view of ``t``'s bytes: equal views <=> identical bits."""
-    if t.dtype == torch.bool:
-        t = t.to(torch.uint8)
-    flat = t.reshape(-1)
-    int_dtype = _INT_OF_SIZE.get(flat.element_size())
-    if int_dtype is None:  # complex128 and other wide types
-        return flat.contiguous().view(torch.uint8)
-    return flat.view(int_dtype)
-
-
 def _fingerprint(t: torch.Tensor) -> torch.Tensor:
     """Two wrapped integer sums over ``t``'s bytes (as 64-bit and as 32-bit words).
 
@@ -167,7 +156,7 @@ def _fingerprint(t: torch.Tensor) -> torch.Tensor:
     changed value changes the 64-bit sum, and several changes would have to
     cancel in both sums to go unseen, which optimizer updates do not do.
     """
-    u8 = _bits(t).contiguous().view(torch.uint8)
+    u8 = bits(t).contiguous().view(torch.uint8)
     n = u8.numel() // 8 * 8
     tail = u8[n:].to(torch.int64).sum()
     if not n:
@@ -304,7 +293,7 @@ class _Snapshot:
                 if self.offload:
                     after = after.to("cpu")
                 same = before.shape == after.shape and before.dtype == after.dtype and (
-                    torch.equal(_bits(before), _bits(after)))
+                    torch.equal(bits(before), bits(after)))
                 max_change[name] = 0.0 if same else _max_abs_change(before, after)
                 if not same:
                     changed.append(name)
