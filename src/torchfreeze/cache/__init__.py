@@ -21,6 +21,8 @@ The package is split by concern:
   ``persist``: the feature store behind the seam: one dense slab per output
   tensor in RAM or in files, a tensor id index, and the ``path=`` directory
   that persists, is shared by the processes of a node and survives a killed writer;
+* ``_path``: what a cache records in a ``path=`` store (namespace folders, the
+  metadata it is checked against, the recorded prefix) and reads back;
 * ``_guards``: every rule that can refuse or invalidate a replay, each written once
   with its message (input signature, trainable or changed tensors inside and
   outside the prefix modules, random ops, ids, ``validate=True`` digests): adding a

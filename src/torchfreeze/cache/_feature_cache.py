@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
@@ -34,16 +33,13 @@ from ._hook import (
     unflatten_output,
     uninstall,
 )
+from ._path import meta_for, namespace_folder, recorded_prefix, wipe_namespaces
 from ._storage import STORAGE_MODES, IdBatch, Storage, StorageBudget, StorageMode
 from .persist import (
-    StoreMeta,
     check_store_folder,
-    fingerprint,
     load_structure,
     open_meta,
-    read_meta,
     save_structure,
-    tensor_digest,
 )
 from .store import SlabStore
 
@@ -1158,11 +1154,7 @@ class FeatureCache:
 
     def _ns_dir(self, key: _Key) -> str:
         assert self.path is not None
-        call, autocast = key
-        name = f"ns-call{call}"
-        if autocast is not None:
-            name += f"-{autocast[0]}-{str(autocast[1]).replace('torch.', '')}"
-        return os.path.join(self.path, name)
+        return namespace_folder(self.path, key)
 
     def _make_storage(self, ns: _Namespace, device: torch.device | None) -> Storage:
         """The one place a Storage is made (CONTRACTS.md 1), for namespace ``ns``
@@ -1192,52 +1184,25 @@ class FeatureCache:
                 return t.device
         return torch.device("cpu")
 
-    def _meta_for(self, prefix: list[tuple[str, nn.Module]]) -> StoreMeta:
-        weights: dict[str, str] = {}
-        for name, module in [*prefix, (self._boundary_name, self._boundary)]:
-            for tname, digest in fingerprint(module).items():
-                weights[f"{name}.{tname}" if name else tname] = digest
-        for name, tensor in self._guard.names_and_tensors_outside():
-            weights[name] = tensor_digest(tensor)
-        return StoreMeta(boundary=self._boundary_name or describe(self._boundary),
-                         dtype=str(self.dtype), weights=weights,
-                         prefix=[name for name, _ in prefix])
-
     def _open_path(self) -> None:
         """Check a ``path=`` store against this model now when its prefix is known."""
         assert self.path is not None
         if self.upto is None:
             self._claim_path()
             return
-        try:
-            meta = read_meta(self.path)
-        except CacheError:
-            if not self.overwrite:
-                raise
-            meta = None
-        if meta is None:
-            return  # a new store: meta.json is written once discovery found the prefix
-        prefix = []
-        for name in meta.prefix:
-            try:
-                prefix.append((name, self._root.get_submodule(name)))
-            except AttributeError:
-                if self.overwrite:
-                    return  # emptied once discovery found this model's prefix
-                raise CacheError(
-                    f"The feature store at {self.path} was computed with prefix module "
-                    f"{name!r}, which this {describe(self._root)} does not have, so its "
-                    "entries would be stale. Pass overwrite=True to empty it and start "
-                    "fresh, or use another path= for this model."
-                ) from None
-        inside = [n for n in (*meta.prefix, self._boundary_name) if n]
-        outside = [n for n in meta.weights if not any(n.startswith(p + ".") for p in inside)]
+        recorded = recorded_prefix(self.path, self._root, self._boundary_name,
+                                   overwrite=self.overwrite)
+        if recorded is None:
+            return
+        prefix, outside = recorded
         self._adopt_prefix(prefix, self._outside_tensors(outside))
         self._claim_path()
 
     def _claim_path(self) -> None:
         assert self.path is not None
-        open_meta(self.path, self._meta_for(self._prefix or []), overwrite=self.overwrite)
+        meta = meta_for(self._boundary_name, self._boundary, self._prefix or [],
+                        self._guard.names_and_tensors_outside(), self.dtype)
+        open_meta(self.path, meta, overwrite=self.overwrite)
         self._path_claimed = True
 
     def _adopt_prefix(self, prefix: list[tuple[str, nn.Module]],
@@ -1454,10 +1419,8 @@ class FeatureCache:
                 ns.storage.close()
         self._namespaces = {}
         self._budget.clear()
-        if wipe and self.path is not None and os.path.isdir(self.path):
-            for name in os.listdir(self.path):
-                if name.startswith("ns-"):
-                    shutil.rmtree(os.path.join(self.path, name), ignore_errors=True)
+        if wipe and self.path is not None:
+            wipe_namespaces(self.path)
 
     def _check_digests(self, state: _Pass, seg: _Segment) -> None:
         if seg.digests is not None:
