@@ -265,3 +265,24 @@ def test_one_line_summary_is_logged_at_fit_start(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("torchfreeze:")]
     # only the head (fc: 4 * 3 + 3) trains; 739 parameters in all
     assert lines == ["torchfreeze: trainable 15 / 739 (2.0%), 1 group"]
+
+
+def test_a_state_saved_by_the_other_kind_of_callback_is_refused_naming_both() -> None:
+    from torchfreeze.integrations import _Plan, _state
+    from torchfreeze.integrations.lightning import _check_state
+
+    lightning_state = FreezeCallback(freeze="model.conv1", schedule={1: "model.fc"}).state_dict()
+    hf_state = _state([1], None)  # what the Hugging Face FreezeCallback saves
+    plan = _Plan("model.conv1", {1: "model.fc"}, bn="eval", lr=None, lr_mult=None)
+    with pytest.raises(tfz.FreezeStateError, match=r"expected a state saved by the Hugging "
+                       r"Face FreezeCallback .*got a state saved by the Lightning FreezeCallback"):
+        plan.check_state(lightning_state)
+    with pytest.raises(tfz.FreezeStateError, match=r"expected a state saved by the Lightning "
+                       r"FreezeCallback .*got a state saved by the Hugging Face FreezeCallback"):
+        _check_state(hf_state, [1])
+    # a Lightning state written before the formats split (the shared format) still
+    # resumes in Lightning, and is still refused by the Hugging Face callback
+    legacy = {**lightning_state, "format": hf_state["format"]}
+    _check_state(legacy, [])  # (no unfreezer before setup: no milestones saved)
+    with pytest.raises(tfz.FreezeStateError, match="Lightning FreezeCallback"):
+        plan.check_state(legacy)

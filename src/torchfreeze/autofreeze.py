@@ -69,6 +69,7 @@ from torch import nn
 
 from ._compat import foreach_norm
 from ._report import Report
+from ._state import check_format, register
 from .errors import FreezeStateError, TorchfreezeError
 from .freeze import freeze
 from .norm import _PinnedEval
@@ -79,7 +80,7 @@ if TYPE_CHECKING:  # imported on first use: AutoFreeze without cache=True never 
 
 __all__ = ["AutoFreeze", "FreezeStats", "GradNormRule", "IntervalRecord"]
 
-STATE_FORMAT = "torchfreeze.autofreeze"
+STATE_FORMAT = register("torchfreeze.autofreeze", "AutoFreeze.state_dict()")
 STATE_VERSION = 1
 
 
@@ -708,13 +709,7 @@ class AutoFreeze:
                 interval, or this AutoFreeze has already frozen groups
                 (nothing is changed).
         """
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise FreezeStateError(
-                f"expected a dict made by AutoFreeze.state_dict() (format {STATE_FORMAT!r}), "
-                f"got {type(state).__name__}"
-                + (f" with keys {sorted(state)[:6]}" if isinstance(state, dict) else "")
-                + ". Pass the value af.state_dict() returned."
-            )
+        check_format(state, STATE_FORMAT, hint="Pass the value af.state_dict() returned.")
         if state.get("version", 0) > STATE_VERSION:
             raise FreezeStateError(
                 f"AutoFreeze state version {state.get('version')} is newer than this "

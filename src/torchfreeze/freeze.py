@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._state import check_format, register
 from .errors import DistributedFreezeError, FreezeStateError, TiedWeightWarning, TorchfreezeError
 from .norm import _POLICY_ATTR, BN_POLICIES, BNPolicy, bn_policy, is_batchnorm, set_bn_policy
 from .select import ModelIndex, Selection, Selector, require_module, resolve
@@ -29,7 +30,7 @@ __all__ = [
     "unfreeze",
 ]
 
-FREEZE_STATE_FORMAT = "torchfreeze.freeze_state"
+FREEZE_STATE_FORMAT = register("torchfreeze.freeze_state", "tfz.freeze_state()")
 FREEZE_STATE_VERSION = 1
 
 
@@ -387,13 +388,8 @@ def load_freeze_state(model: nn.Module, state: dict[str, Any]) -> None:
             modules this model does not have (nothing is changed).
     """
     require_module(model, "load_freeze_state")
-    if not isinstance(state, dict) or state.get("format") != FREEZE_STATE_FORMAT:
-        raise FreezeStateError(
-            f"expected a dict made by tfz.freeze_state() (format {FREEZE_STATE_FORMAT!r}), "
-            f"got {type(state).__name__}"
-            + (f" with keys {sorted(state)[:6]}" if isinstance(state, dict) else "")
-            + ". Pass the value tfz.freeze_state(model) returned."
-        )
+    check_format(state, FREEZE_STATE_FORMAT,
+                 hint="Pass the value tfz.freeze_state(model) returned.")
     if state.get("version", 0) > FREEZE_STATE_VERSION:
         raise FreezeStateError(
             f"freeze state version {state.get('version')} is newer than this torchfreeze "

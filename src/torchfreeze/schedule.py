@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ._optim import added_group_name, prepare_new_group
+from ._state import check_format, register
 from .errors import FreezeStateError, SelectionError, TorchfreezeError
 from .freeze import (
     _capture,
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FineTune", "GradualUnfreeze", "fine_tune_schedule"]
 
-STATE_FORMAT = "torchfreeze.gradual_unfreeze"
+STATE_FORMAT = register("torchfreeze.gradual_unfreeze", "GradualUnfreeze.state_dict()")
 STATE_VERSION = 1
 
 
@@ -301,11 +302,7 @@ class GradualUnfreeze:
             FreezeStateError: the state does not fit this model or schedule.
             TorchfreezeError: this object (or its optimizer) was already stepped.
         """
-        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
-            raise FreezeStateError(
-                f"expected a dict made by GradualUnfreeze.state_dict() (format "
-                f"{STATE_FORMAT!r}), got {type(state).__name__}. Nothing was changed."
-            )
+        check_format(state, STATE_FORMAT)
         if state.get("version", 0) > STATE_VERSION:
             raise FreezeStateError(
                 f"GradualUnfreeze state version {state.get('version')} is newer than this "

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from .._state import check_format, register
 from ..errors import FreezeStateError, SelectionError, TorchfreezeError
 from ..freeze import _check_bn
 from ..norm import BNPolicy
@@ -25,7 +26,12 @@ __all__: list[str] = []
 # ---------------------------------------------------------------------------
 # shared by both callbacks (private; imports neither trainer library)
 
-STATE_FORMAT = "torchfreeze.integrations.callback"
+STATE_FORMAT = register("torchfreeze.integrations.callback",
+                        "the Hugging Face FreezeCallback")
+#: Lightning's FreezeCallback saves another layout under its own format: each callback
+#: refuses the other's state, naming it.
+LIGHTNING_FORMAT = register("torchfreeze.integrations.lightning.callback",
+                            "the Lightning FreezeCallback")
 STATE_VERSION = 1
 
 
@@ -94,13 +100,12 @@ class _Plan:
 
     def check_state(self, state: Any) -> list[int]:
         """The applied milestones of a saved callback state, checked against this plan."""
-        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
-            raise FreezeStateError(
-                "the checkpoint's FreezeCallback state is not one torchfreeze wrote "
-                f"(expected format {STATE_FORMAT!r}, got "
-                f"{state.get('format') if isinstance(state, Mapping) else type(state).__name__!r}"
-                "). Resume with the checkpoint of a run that used this callback."
-            )
+        if isinstance(state, Mapping) and state.get("format") == STATE_FORMAT and \
+                "applied" not in state and "unfreeze" in state:
+            # the Lightning callback's layout, saved before the two formats split
+            state = {**state, "format": LIGHTNING_FORMAT}
+        check_format(state, STATE_FORMAT, hint="Resume with the checkpoint of a run that "
+                     "used this callback.")
         applied = [int(e) for e in state.get("applied", [])]
         unknown = [e for e in applied if e not in self.schedule]
         if unknown:

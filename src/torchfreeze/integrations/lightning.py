@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
+from .._state import check_format, register
 from ..errors import FreezeStateError, TorchfreezeError
 from ..freeze import freeze as _freeze
 from ..freeze import freeze_state, load_freeze_state
@@ -40,12 +41,15 @@ from ..norm import BNPolicy
 from ..schedule import GradualUnfreeze
 from ..select import Selector
 from ..summary import summary
-from . import STATE_FORMAT, STATE_VERSION, _Plan
+from . import LIGHTNING_FORMAT, STATE_VERSION, _Plan
+from . import STATE_FORMAT as _SHARED_FORMAT
 
 __all__ = ["AutoFreezeCallback", "FreezeCallback"]
 
 # strategies that shard parameters or own the optimizer: requires_grad changes and
 # new param groups cannot be applied behind their back
+AUTO_FORMAT = register(_SHARED_FORMAT + ".auto", "the Lightning AutoFreezeCallback")
+
 _UNSUPPORTED = ("DeepSpeedStrategy", "FSDPStrategy", "ModelParallelStrategy", "XLAStrategy",
                 "SingleDeviceXLAStrategy", "XLAFSDPStrategy")
 
@@ -124,7 +128,7 @@ class FreezeCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "format": STATE_FORMAT,
+            "format": LIGHTNING_FORMAT,
             "version": STATE_VERSION,
             "unfreeze": self.unfreezer.state_dict() if self.unfreezer is not None else None,
             "freeze_state": freeze_state(self._module) if self._module is not None else None,
@@ -221,11 +225,11 @@ class FreezeCallback(Callback):
 
 
 def _check_state(state: Any, milestones: list[int]) -> None:
-    if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
-        raise FreezeStateError(
-            "the checkpoint's FreezeCallback state is not one torchfreeze wrote (expected "
-            f"format {STATE_FORMAT!r}). Resume from a checkpoint of a run with this callback."
-        )
+    if isinstance(state, Mapping) and state.get("format") == _SHARED_FORMAT and \
+            "unfreeze" in state:
+        state = {**state, "format": LIGHTNING_FORMAT}  # written before the formats split
+    check_format(state, LIGHTNING_FORMAT, hint="Resume from a checkpoint of a run with "
+                 "this callback.")
     saved = (state.get("unfreeze") or {}).get("milestones", [])
     if list(saved) != milestones:
         raise FreezeStateError(
@@ -301,17 +305,13 @@ class AutoFreezeCallback(Callback):
         self._seen = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"format": STATE_FORMAT + ".auto", "version": STATE_VERSION,
+        return {"format": AUTO_FORMAT, "version": STATE_VERSION,
                 "autofreeze": self.autofreeze.state_dict() if self.autofreeze else None}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # runs before the optimizer exists; applied at fit start (see FreezeCallback)
-        if not isinstance(state_dict, Mapping) or state_dict.get("format") != (
-                STATE_FORMAT + ".auto"):
-            raise FreezeStateError(
-                "the checkpoint's AutoFreezeCallback state is not one torchfreeze wrote. "
-                "Resume from a checkpoint of a run with this callback."
-            )
+        check_format(state_dict, AUTO_FORMAT, hint="Resume from a checkpoint of a run with "
+                     "this callback.")
         self._pending = dict(state_dict)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
