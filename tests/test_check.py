@@ -623,3 +623,16 @@ def test_fsdp2_dtensor_parameters(gloo_group) -> None:
     assert "no-grad-reached" not in diag.codes
     str(diag)
     json.dumps(diag.to_dict())
+
+
+def test_accelerates_optimizer_wrapper_is_unwrapped_by_the_one_rule() -> None:
+    from accelerate import Accelerator
+
+    from torchfreeze._wrappers import unwrap_optimizer
+
+    model = torch.nn.Linear(3, 3)
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    wrapped = Accelerator(cpu=True).prepare(inner)  # an AcceleratedOptimizer
+    assert isinstance(wrapped, torch.optim.Optimizer) and wrapped is not inner
+    assert unwrap_optimizer(wrapped) is inner  # AutoFreeze's old copy stopped at the wrapper
+    assert unwrap_optimizer(inner) is inner

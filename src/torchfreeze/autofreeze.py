@@ -70,6 +70,7 @@ from torch import nn
 from ._compat import foreach_norm
 from ._report import Report
 from ._state import check_format, register
+from ._wrappers import is_ddp, unwrap_optimizer
 from .errors import FreezeStateError, TorchfreezeError
 from .freeze import freeze
 from .norm import _PinnedEval
@@ -266,23 +267,6 @@ class IntervalRecord(Report):
         return f"step {self.step}: " + ", ".join(parts) + thr + froze
 
 
-def _unwrap_optimizer(opt: Any) -> Any:
-    """The torch optimizer under Lightning's / accelerate's wrappers (same param_groups)."""
-    for _ in range(4):
-        inner = getattr(opt, "_optimizer", None) or getattr(opt, "optimizer", None)
-        if isinstance(inner, torch.optim.Optimizer) and not isinstance(opt, torch.optim.Optimizer):
-            opt = inner
-        else:
-            break
-    return opt
-
-
-def _is_ddp(model: nn.Module) -> bool:
-    from torch.nn.parallel import DistributedDataParallel
-
-    return isinstance(model, DistributedDataParallel)
-
-
 class AutoFreeze:
     """Freeze a growing prefix of a model's layer groups as they stop learning.
 
@@ -379,7 +363,7 @@ class AutoFreeze:
                 "cache=True needs pin_eval=True: a cached prefix must be deterministic, so "
                 "its dropout must be off. Drop pin_eval=False, or cache=True."
             )
-        opt = _unwrap_optimizer(optimizer)
+        opt = unwrap_optimizer(optimizer)
         if not hasattr(opt, "param_groups") or not hasattr(opt, "state"):
             raise TorchfreezeError(
                 f"optimizer must be a torch.optim.Optimizer (got {type(optimizer).__name__}); "
@@ -427,7 +411,7 @@ class AutoFreeze:
     @property
     def module(self) -> nn.Module:
         """The underlying model (``model.module`` for a DDP wrapper)."""
-        inner = self.model.module if _is_ddp(self.model) else self.model
+        inner = self.model.module if is_ddp(self.model) else self.model
         assert isinstance(inner, nn.Module)
         return inner
 
@@ -520,7 +504,7 @@ class AutoFreeze:
         return values
 
     def _process_group(self) -> Any:
-        if _is_ddp(self.model):
+        if is_ddp(self.model):
             return getattr(self.model, "process_group", None)
         return None
 
@@ -570,7 +554,7 @@ class AutoFreeze:
         new = range(self._n, target)
         names = [n for gi in new for n in self._groups[gi][1]]
         params = [p for gi in new for p in self._group_params[gi]]
-        if _is_ddp(self.model):
+        if is_ddp(self.model):
             from . import distributed
 
             self.model = distributed.freeze(self.model, names, bn="eval")
@@ -835,7 +819,7 @@ def _check_scheduler(scheduler: Any, opt: Any) -> None:
     if scheduler is None:
         return
     for s in scheduler if isinstance(scheduler, (list, tuple)) else [scheduler]:
-        owner = _unwrap_optimizer(getattr(s, "optimizer", None))
+        owner = unwrap_optimizer(getattr(s, "optimizer", None))
         if owner is None or getattr(owner, "param_groups", None) is not opt.param_groups:
             raise TorchfreezeError(
                 f"scheduler ({type(s).__name__}) does not drive this optimizer "

@@ -57,6 +57,7 @@ from torch import nn
 
 from ._compat import ddp_delays_all_reduce, ddp_logging_data
 from ._report import Report
+from ._wrappers import unwrap_optimizer
 from .cache._guards import DROPOUT
 from .errors import CheckError, ModelTypeError, TorchfreezeError
 from .norm import FrozenBatchNorm, bn_policy, is_batchnorm
@@ -212,18 +213,6 @@ class Diagnosis(Report, Sequence["Finding"]):
 # helpers
 
 _OptimizerLike = Any  # torch.optim.Optimizer, or a wrapper with .param_groups (Lightning, HF)
-
-
-def _unwrap_optimizer(opt: Any) -> Any:
-    """Lightning's LightningOptimizer and accelerate's AcceleratedOptimizer wrap the
-    real optimizer; its class and ``defaults`` are what decide which keys are read."""
-    for _ in range(4):
-        inner = getattr(opt, "_optimizer", None) or getattr(opt, "optimizer", None)
-        if isinstance(inner, torch.optim.Optimizer) and inner is not opt:
-            opt = inner
-        else:
-            break
-    return opt
 
 
 def _short(names: Sequence[str], n: int = 3) -> str:
@@ -431,7 +420,7 @@ def _check_optimizer_params(
     many = len(optimizers) > 1
     foreign: list[tuple[str, tuple[int, ...]]] = []
     for oi, opt in enumerate(optimizers):
-        real = _unwrap_optimizer(opt)
+        real = unwrap_optimizer(opt)
         for gi, group in enumerate(opt.param_groups):
             label = _group_label(gi, group, oi if many else None)
             wd = float(group.get("weight_decay", 0.0) or 0.0)
@@ -519,7 +508,7 @@ def _check_group_keys(optimizers: list[Any]) -> list[Finding]:
     out: list[Finding] = []
     many = len(optimizers) > 1
     for oi, opt in enumerate(optimizers):
-        real = _unwrap_optimizer(opt)
+        real = unwrap_optimizer(opt)
         defaults = set(getattr(real, "defaults", {}) or {})
         known = defaults | _KNOWN_EXTRA
         kind = type(real).__name__

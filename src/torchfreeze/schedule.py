@@ -21,13 +21,14 @@ from __future__ import annotations
 import numbers
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from ._optim import added_group_name, prepare_new_group
 from ._state import check_format, register
+from ._wrappers import is_ddp
 from .errors import FreezeStateError, SelectionError, TorchfreezeError
 from .freeze import (
     _capture,
@@ -42,26 +43,16 @@ from .freeze import (
 from .norm import BN_POLICIES, BNPolicy, set_bn_policy
 from .select import ModelIndex, Selector, require_module, resolve
 
-if TYPE_CHECKING:
-    from torch.nn.parallel import DistributedDataParallel
-
 __all__ = ["FineTune", "GradualUnfreeze", "fine_tune_schedule"]
 
 STATE_FORMAT = register("torchfreeze.gradual_unfreeze", "GradualUnfreeze.state_dict()")
 STATE_VERSION = 1
 
 
-def _is_ddp(model: nn.Module) -> TypeGuard[DistributedDataParallel]:
-    # imported here: torch.nn.parallel pulls in torch.distributed machinery
-    from torch.nn.parallel import DistributedDataParallel
-
-    return isinstance(model, DistributedDataParallel)
-
-
 def _is_distributed(model: nn.Module) -> bool:
     """DDP wrappers and FSDP2 roots unfreeze through torchfreeze.distributed: DDP
     must be re-wrapped, FSDP2 needs its mixed-precision dtypes recomputed."""
-    if _is_ddp(model):
+    if is_ddp(model):
         return True
     from .distributed import _fsdp_module_class
 
@@ -154,7 +145,7 @@ class GradualUnfreeze:
                 f"bn={bn!r} is not a BatchNorm policy; use one of {', '.join(BN_POLICIES)}."
             )
         sched = {_check_epoch("schedule key", k): v for k, v in schedule.items()}
-        target = model.module if _is_ddp(model) else model
+        target = model.module if is_ddp(model) else model
         idx = ModelIndex(target)
         selections = {}
         for epoch in sorted(sched):
@@ -197,13 +188,13 @@ class GradualUnfreeze:
                 )
         for sel in selections.values():
             warn_tied(sel, "freeze")
-        if not _is_ddp(model):
+        if not is_ddp(model):
             freeze(model, [s.params for s in selections.values()], bn=bn)
 
     @property
     def module(self) -> nn.Module:
         """The underlying model (``model.module`` for a DDP wrapper)."""
-        return self.model.module if _is_ddp(self.model) else self.model
+        return self.model.module if is_ddp(self.model) else self.model
 
     def step(self, epoch: int) -> list[int]:
         """Apply every milestone ``<= epoch`` not applied yet, in order.
