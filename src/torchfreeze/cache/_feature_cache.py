@@ -868,50 +868,48 @@ class FeatureCache:
         seg = state.segment or self._begin(state, args, kwargs, first_is_boundary=False)
         key = id(patch.module)
         if seg.replay:
-            k = seg.calls.get(key, 0)
-            seg.calls[key] = k + 1
-            assert seg.ns.prefix_specs is not None
-            specs = seg.ns.prefix_specs.get(key, [])
-            if k >= len(specs):
-                raise CacheError(
-                    f"Prefix module {self._name_of(patch.module)!r} of FeatureCache(upto="
-                    f"{self.upto!r}) was called {k + 1} times in this batch but {len(specs)} "
-                    "when its entries were stored: the model takes another path now. clear() "
-                    "the cache, or cache a prefix that always runs the same way."
-                )
             state.replayed = True
-            return specs[k].placeholders(state.n, self._clock, self._name_of(patch.module))
+            spec = self._recorded_call(seg, patch.module)
+            return spec.placeholders(state.n, self._clock, self._name_of(patch.module))
         seg.running = repr(self._name_of(patch.module))
         if seg.miss_index is not None:
-            k = seg.calls.get(key, 0)
-            seg.calls[key] = k + 1
-            return self._missing_rows(seg, patch, args, kwargs, key, k, state.n)
+            spec = self._recorded_call(seg, patch.module)
+            return self._missing_rows(seg, patch, args, kwargs, spec, state.n)
         out = patch.orig(*args, **kwargs)
         seg.running = None
         if seg.specs is not None:
             seg.specs.setdefault(key, []).append(PrefixSpec(out, state.n))
         return out
 
-    def _missing_rows(self, seg: _Segment, patch: PatchedForward, args: tuple[Any, ...],
-                      kwargs: dict[str, Any], key: int, k: int, batch: int) -> Any:
-        """A prefix module on a partial hit: run it on the missing rows only and hand the
-        model full-batch outputs whose stored rows hold zeros (no one reads them: the
-        boundary replays those rows)."""
-        assert seg.miss_index is not None and seg.ns.prefix_specs is not None
-        miss = seg.miss_index
+    def _recorded_call(self, seg: _Segment, module: nn.Module) -> PrefixSpec:
+        """The recorded output structure of this call of a prefix module (its k-th in the
+        segment), or a refusal when the model now calls it more often."""
+        key = id(module)
+        k = seg.calls.get(key, 0)
+        seg.calls[key] = k + 1
+        assert seg.ns.prefix_specs is not None
         specs = seg.ns.prefix_specs.get(key, [])
         if k >= len(specs):
             raise CacheError(
-                f"Prefix module {self._name_of(patch.module)!r} of FeatureCache(upto="
+                f"Prefix module {self._name_of(module)!r} of FeatureCache(upto="
                 f"{self.upto!r}) was called {k + 1} times in this batch but {len(specs)} "
                 "when its entries were stored: the model takes another path now. clear() "
                 "the cache, or cache a prefix that always runs the same way."
             )
+        return specs[k]
+
+    def _missing_rows(self, seg: _Segment, patch: PatchedForward, args: tuple[Any, ...],
+                      kwargs: dict[str, Any], spec: PrefixSpec, batch: int) -> Any:
+        """A prefix module on a partial hit: run it on the missing rows only and hand the
+        model full-batch outputs whose stored rows hold zeros (no one reads them: the
+        boundary replays those rows)."""
+        assert seg.miss_index is not None
+        miss = seg.miss_index
         sub_args, sub_kwargs = pytree.tree_map(lambda v: _take(v, batch, miss), (args, kwargs))
         out = patch.orig(*sub_args, **sub_kwargs)
         flat, treespec = pytree.tree_flatten(out)
         full = []
-        for x, leaf in zip(flat, specs[k].leaves):
+        for x, leaf in zip(flat, spec.leaves):
             if isinstance(x, torch.Tensor) and getattr(leaf, "per_sample", False):
                 whole = x.new_zeros((batch, *x.shape[1:]))
                 whole.index_copy_(0, miss.to(x.device), x)
