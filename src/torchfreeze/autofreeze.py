@@ -68,12 +68,12 @@ import torch
 from torch import nn
 
 from ._compat import foreach_norm
+from ._pinning import pin
 from ._report import Report
 from ._state import check_format, register
 from ._wrappers import is_ddp, unwrap_optimizer
 from .errors import FreezeStateError, TorchfreezeError
 from .freeze import freeze
-from .norm import _PinnedEval
 from .select import ModelIndex, resolve
 
 if TYPE_CHECKING:  # imported on first use: AutoFreeze without cache=True never needs it
@@ -839,9 +839,7 @@ def _pin_eval(module: nn.Module, param_names: Sequence[str]) -> list[nn.Module]:
         if any(name.startswith(p + ".") for p in pinned):
             continue
         pinned.append(name)
-        if not isinstance(m.__dict__.get("train"), _PinnedEval):
-            m.__dict__["train"] = _PinnedEval(m)
-        type(m).train(m, False)
+        pin(m)  # (or keep the pin it has)
     return [idx.modules[n] for n in pinned]
 
 

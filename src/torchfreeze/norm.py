@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ._compat import BatchNormBase, InstanceNormBase, NormBase, child_modules
+from ._pinning import PinnedEval, pin, unpin
 from .errors import SelectionError, TorchfreezeError
 from .select import Selector, require_module, resolve
 
@@ -59,27 +60,7 @@ def bn_policy(module: nn.Module) -> str | None:
     return module.__dict__.get(_POLICY_ATTR)
 
 
-class _PinnedEval:
-    """Stands in for ``module.train`` on a BN layer frozen with ``bn="eval"``.
-
-    ``nn.Module.train`` recurses by calling each child's ``train`` attribute,
-    so an instance attribute here is consulted by every ``model.train()``.
-    A class (not a bound method) so that deepcopy and pickling keep it.
-    """
-
-    __slots__ = ("module",)
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def __call__(self, mode: bool = True) -> nn.Module:
-        return type(self.module).train(self.module, False)
-
-    def __getstate__(self) -> nn.Module:
-        return self.module
-
-    def __setstate__(self, module: nn.Module) -> None:
-        self.module = module
+_PinnedEval = PinnedEval  # the pin BN policies set (kept for old pickles)
 
 
 def set_bn_policy(module: nn.Module, policy: str | None, *, training: bool) -> None:
@@ -93,16 +74,13 @@ def set_bn_policy(module: nn.Module, policy: str | None, *, training: bool) -> N
             f"bn={policy!r} is not a BatchNorm policy; use one of {', '.join(BN_POLICIES)}."
         )
     d = module.__dict__
-    d.pop("train", None)
+    unpin(module, training=training)
     if policy is None:
         d.pop(_POLICY_ATTR, None)
     else:
         d[_POLICY_ATTR] = policy
     if policy == "eval":
-        d["train"] = _PinnedEval(module)
-        type(module).train(module, False)
-    else:
-        type(module).train(module, training)
+        pin(module)
 
 
 def _tensor(module: nn.Module, name: str) -> torch.Tensor:

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import _pinning as pinning
 from .._compat import pytree
 from ..errors import CacheError
-from ..norm import _PinnedEval
 from . import _guards as guards
 from ._guards import is_batched as _is_batched
 from ._hook import (
@@ -440,7 +440,7 @@ class FeatureCache:
                     f"This {describe(boundary)} already has a FeatureCache; call close() on "
                     "it before creating another one."
                 )
-        if pin_eval and upto is None and "train" in boundary.__dict__:
+        if pin_eval and upto is None and pinning.pinned_by_anyone(boundary):
             raise CacheError(
                 f"pin_eval=True, but this {describe(boundary)} already has a pinned train mode "
                 "(a torchfreeze BatchNorm policy?). Leave pin_eval off, or put it in eval yourself."
@@ -678,8 +678,7 @@ class FeatureCache:
             uninstall(patch)
         self._patches = []
         for m in self._pinned:
-            if isinstance(m.__dict__.get("train"), _PinnedEval):
-                del m.__dict__["train"]
+            pinning.unpin(m, training=self._root.training)
         self._pinned = []
         self._closed = True
 
@@ -1347,16 +1346,11 @@ class FeatureCache:
         return self._prefix_names.get(id(module)) or describe(module)
 
     def _pin(self, module: nn.Module) -> None:
-        if "train" in module.__dict__:
-            return  # already pinned (a torchfreeze BatchNorm policy): in eval for good
-        module.__dict__["train"] = _PinnedEval(module)
-        type(module).train(module, False)
-        self._pinned.append(module)
+        if pinning.pin(module):  # not pinned before (else: a BatchNorm policy's, for good)
+            self._pinned.append(module)
 
     def _unpin(self, module: nn.Module) -> None:
-        if isinstance(module.__dict__.get("train"), _PinnedEval):
-            del module.__dict__["train"]
-            module.train(self._root.training)
+        pinning.unpin(module, training=self._root.training)
         self._pinned.remove(module)
 
     # ---------------------------------------------------------------- guards
