@@ -314,13 +314,21 @@ class FeatureCache:
       On a batch whose ids are all stored none of the prefix runs: the prefix
       modules hand out storage-less placeholders (glue code between them only
       reads shapes) and the boundary replays its stored output; the rest of the
-      model runs as written. On a batch with a miss the model runs normally and
-      the missing rows are stored.
+      model runs as written. On a batch with some ids stored the prefix modules
+      run on the missing rows only and the stored rows are replayed; with none
+      stored the model runs normally. Either way the missing rows are stored.
 
     Keys: an entry is keyed by the sample id, the call of the boundary inside
     one ``keys()`` block (a module called twice - two towers, a shared encoder -
     stores one entry per call) and the autocast state (``bfloat16`` entries are
     never replayed outside autocast).
+
+    Every replay is guarded (``cache/_guards.py``): the prefix must be called as when
+    its entries were stored (shapes past the batch dim, dtypes, devices, plain
+    arguments), every parameter and buffer whose value reaches the boundary (inside
+    the prefix modules or not, found by tracing the first pass) must be frozen and
+    unchanged, and no random op may run in the prefix (checked by the ops that run, on
+    the first pass and for every new train/eval state).
 
     The cut is proven: if anything after the boundary reads a prefix output
     other than the boundary's (a skip connection around it,
