@@ -76,3 +76,55 @@ def test_no_test_retries_a_gloo_abort() -> None:
         if path.name == Path(__file__).name:
             continue
         assert "terminate called without an active exception" not in text, path.name
+
+
+def test_no_import_circle_inside_the_package() -> None:
+    """Every ``from .x import`` / ``from ..x import`` edge (TYPE_CHECKING and function-level
+    imports included) between torchfreeze's own modules: the graph has no cycle."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "src" / "torchfreeze"
+    mods: dict[str, Path] = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = path
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, path in mods.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or node.level == 0:
+                continue
+            base = package.split(".")
+            base = base[:len(base) - (node.level - 1)]
+            target = ".".join(base + ([node.module] if node.module else []))
+            names = [f"{target}.{a.name}" for a in node.names]
+            found = [n for n in names if n in mods] or ([target] if target in mods else [])
+            edges[mod].update(t for t in found if t != mod)
+    # a package's __init__ re-exporting its submodules is not a circle by itself:
+    # drop edges from a package to its own children
+    for mod in edges:
+        edges[mod] = {t for t in edges[mod] if not t.startswith(mod + ".")}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for t in sorted(edges[m]):
+            if state.get(t) == 1:
+                return stack[stack.index(t):] + [t]
+            if t not in state:
+                cycle = visit(t)
+                if cycle:
+                    return cycle
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(edges):
+        if m not in state:
+            cycle = visit(m)
+            assert cycle is None, " -> ".join(cycle)

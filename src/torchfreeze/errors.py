@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # errors.py imports nothing of ours at run time
-    from .load import LoadReport
+    from ._load_report import LoadReport
 
 __all__ = [
     "CacheError",
