@@ -128,3 +128,15 @@ def test_no_import_circle_inside_the_package() -> None:
         if m not in state:
             cycle = visit(m)
             assert cycle is None, " -> ".join(cycle)
+
+
+def test_import_torchfreeze_loads_no_optional_integration() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, torchfreeze; "
+            "print(sorted(m for m in ('lightning', 'transformers', 'matplotlib') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -1,8 +1,9 @@
 """torchfreeze: freeze, unfreeze and fine-tune pretrained PyTorch models correctly.
 
-Public API only. Names are imported on first use, so ``import torchfreeze``
-stays cheap and optional integrations (Lightning, transformers) are never
-imported unless asked for.
+Public API only. The core (``torch`` and ``rich``) is imported with the package;
+the optional integrations (``torchfreeze.integrations.lightning``,
+``torchfreeze.integrations.transformers``) and the demo are imported only when
+you import them, so Lightning and transformers are never loaded unless asked for.
 
 Example:
     >>> import torch.nn as nn, torchfreeze as tfz
