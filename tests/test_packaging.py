@@ -115,7 +115,7 @@ def test_no_import_circle_inside_the_package() -> None:
         stack.append(m)
         for t in sorted(edges[m]):
             if state.get(t) == 1:
-                return stack[stack.index(t):] + [t]
+                return [*stack[stack.index(t):], t]
             if t not in state:
                 cycle = visit(t)
                 if cycle:
