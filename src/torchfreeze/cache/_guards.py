@@ -23,7 +23,8 @@ rule                   what it guards
 :func:`grad_sources`   the boundary's output requires grad: from a trainable tensor
                        (refused, named) or only from ``requires_grad_()`` inside the
                        model (Hugging Face ``enable_input_require_grads``: allowed)
-:func:`normalize_ids`  ids that cannot name a sample by value (float, 0-d tensors)
+:func:`normalize_ids`  ids that cannot name a sample by value (floats, bools, objects
+                       hashed by identity); 0-d integer tensors become ints
 =====================  ==============================================================
 
 The invalidation rule (a watched tensor changed: drop the entries, or refuse a
