@@ -786,7 +786,6 @@ def _check_scheduler(scheduler: Any, optimizers: list[Any]) -> list[Finding]:
     return []
 
 
-_DROPOUT = DROPOUT  # the cache's rule: one list of dropout classes
 
 
 def _frozen_prefix_boundary(idx: ModelIndex) -> str | None:
@@ -828,7 +827,7 @@ def _check_dropout(idx: ModelIndex) -> list[Finding]:
             continue  # report the outermost frozen region only
         found = [
             f"{name}.{sub}" for sub, d in m.named_modules()
-            if sub and isinstance(d, _DROPOUT) and d.training and d.p > 0
+            if sub and isinstance(d, DROPOUT) and d.training and d.p > 0
         ]
         if found:
             regions.append(name)

@@ -136,7 +136,8 @@ class _Pass:
         self.taint: Taint | None = None  # the first pass's data-dependence check
         self.lineage: guards.Lineage | None = None  # first pass: weights reaching the boundary
         self.random: guards.RandomOps | None = None  # first pass: random ops in the prefix
-        self.inputs: set[int] = set()  # ids of the tensors given to the model
+        # what the model was called with (read only when an output requires grad)
+        self.inputs: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
 
 
 class _Keys:
@@ -163,8 +164,7 @@ class _Keys:
             )
         state = self.state = _Pass(self.ids, self.n)
         if cache._prefix is None:
-            state.discovery = Discovery(cache._root, cache.module, cache._clock,
-                                        guards.signature)
+            state.discovery = Discovery(cache._root, cache.module, cache._clock)
             state.taint = state.discovery.taint
             state.lineage = guards.Lineage(guards.named_tensors(cache._root))
             state.random = guards.RandomOps(state.discovery.where)
@@ -436,7 +436,7 @@ class FeatureCache:
                 "drop one of them."
             )
         if path is not None:
-            check_store_folder(os.fspath(path), overwrite=overwrite)
+            check_store_folder(os.fspath(path))
         if upto is None:
             boundary, bname = model, ""
         else:
@@ -471,7 +471,6 @@ class FeatureCache:
         # The prefix modules besides the boundary: known (none) for the one-module form,
         # found on the first keys() pass with upto=.
         self._prefix: list[tuple[str, nn.Module]] | None = [] if upto is None else None
-        self._watch: list[nn.Module] = [boundary]
         self._prefix_names: dict[int, str] = {}
         self._guard = guards.Watch()
         self._guard.named = [(bname, boundary)]
@@ -727,8 +726,7 @@ class FeatureCache:
                 # the first prefix module's inputs, recorded when it was called
                 seg.digests = guards.digest_inputs(*disc.first, state.n, Placeholder)
             if disc is not None and ns.signature is None:
-                ns.signature = disc.calls[0][1] if disc.calls else \
-                    guards.signature(args, kwargs)
+                ns.signature = guards.signature(*(disc.first or (args, kwargs)))
             if seg.replay:
                 spec = ns.spec
                 assert spec is not None and ns.storage is not None and seg.slots is not None
@@ -787,23 +785,31 @@ class FeatureCache:
                           args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The boundary on a partial hit: compute and store the missing rows, replay the
         stored ones, hand out the full batch in batch order."""
-        assert seg.miss_index is not None and seg.hit_index is not None
-        assert seg.slots is not None and seg.ns.storage is not None
-        batch, miss, ns = state.n, seg.miss_index, seg.ns
         self._check_digests(state, seg)
-        sub_args, sub_kwargs = pytree.tree_map(lambda v: _take(v, batch, miss), (args, kwargs))
-        out = patch.orig(*sub_args, **sub_kwargs)
-        spec, computed = flatten_output(out, len(miss))
-        self._refuse_grad(state, computed)
-        sub_ids: IdBatch = (state.ids.index_select(0, miss)
-                            if isinstance(state.ids, torch.Tensor)
-                            else [state.ids[i] for i in miss.tolist()])
-        fresh = self._store(ns, spec, sub_ids, computed)
-        self.misses += len(miss)
-        self.hits += len(seg.hit_index)
+        spec, fresh = self._store_missing(state, seg, patch, args, kwargs, refuse_grad=True)
         if self._filling:
             raise _StopAtBoundary
         return self._merge(state, seg, spec, fresh)
+
+    def _store_missing(self, state: _Pass, seg: _Segment, patch: PatchedForward,
+                       args: tuple[Any, ...], kwargs: dict[str, Any], *,
+                       refuse_grad: bool = False) -> tuple[OutputSpec, list[torch.Tensor]]:
+        """The boundary on the missing rows (``seg.miss_index``) of a partial hit: compute,
+        store and count them; the hits are counted too. Both forms use it."""
+        assert seg.miss_index is not None and seg.hit_index is not None
+        batch, miss = state.n, seg.miss_index
+        sub_args, sub_kwargs = pytree.tree_map(lambda v: _take(v, batch, miss), (args, kwargs))
+        out = patch.orig(*sub_args, **sub_kwargs)
+        spec, computed = flatten_output(out, len(miss))
+        if refuse_grad:
+            self._refuse_grad(state, computed)
+        sub_ids: IdBatch = (state.ids.index_select(0, miss)
+                            if isinstance(state.ids, torch.Tensor)
+                            else [state.ids[i] for i in miss.tolist()])
+        fresh = self._store(seg.ns, spec, sub_ids, computed)
+        self.misses += len(miss)
+        self.hits += len(seg.hit_index)
+        return spec, fresh
 
     def _merge(self, state: _Pass, seg: _Segment, spec: OutputSpec,
                fresh: list[torch.Tensor]) -> Any:
@@ -833,8 +839,7 @@ class FeatureCache:
                  kwargs: dict[str, Any]) -> Any:
         state = self._pass
         if state is not None:
-            state.inputs = {id(t) for t in pytree.tree_leaves((args, kwargs))
-                            if isinstance(t, torch.Tensor)}
+            state.inputs = (args, kwargs)
         out = patch.orig(*args, **kwargs)
         if state is not None and state.taint is not None:
             source = state.taint.stale(out)
@@ -943,7 +948,7 @@ class FeatureCache:
         now = guards.signature(args, kwargs)
         if ns.signature is None:
             ns.signature = now
-        elif now != ns.signature:
+        else:
             guards.check_signature(first, ns.signature, now, path=self.path)
 
     def _where_running(self) -> str | None:
@@ -1049,18 +1054,9 @@ class FeatureCache:
             self.misses += batch
             return out if self.dtype is None else unflatten_output(spec, fresh)
         assert hit is not None and seg.slots is not None and ns.storage is not None
-        seg.miss_index = miss_index = (~hit).nonzero().squeeze(1)
+        seg.miss_index = (~hit).nonzero().squeeze(1)
         seg.hit_index = hit.nonzero().squeeze(1)
-        sub_args = tuple(_take(a, batch, miss_index) for a in args)
-        sub_kwargs = {k: _take(v, batch, miss_index) for k, v in kwargs.items()}
-        out = patch.orig(*sub_args, **sub_kwargs)
-        spec, computed = flatten_output(out, len(miss_index))
-        sub_ids: IdBatch = (state.ids.index_select(0, miss_index)
-                            if isinstance(state.ids, torch.Tensor)
-                            else [state.ids[i] for i in miss_index.tolist()])
-        fresh = self._store(ns, spec, sub_ids, computed)
-        self.misses += len(miss_index)
-        self.hits += n_hit
+        spec, fresh = self._store_missing(state, seg, patch, args, kwargs)
         return self._merge(state, seg, spec, fresh)
 
     def _refuse_grad(self, state: _Pass, leaves: list[torch.Tensor]) -> None:
@@ -1069,8 +1065,9 @@ class FeatureCache:
         as Hugging Face's ``enable_input_require_grads`` does)."""
         if not torch.is_grad_enabled() or not any(t.requires_grad for t in leaves):
             return
+        inputs = {id(t) for t in pytree.tree_leaves(state.inputs) if isinstance(t, torch.Tensor)}
         names, from_input = guards.grad_sources(leaves, guards.named_tensors(self._root),
-                                                state.inputs)
+                                                inputs)
         if names:
             raise guards.trainable_outside_error(self._boundary_name, names)
         if from_input:

@@ -47,6 +47,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .._compat import TorchDispatchMode, own_tensor_dicts, pytree, version_and_grad
 from ..errors import CacheError
 from ..norm import is_batchnorm
+from ._hook import describe
 from ._storage import IdBatch
 
 __all__ = [
@@ -72,10 +73,6 @@ DROPOUT = (
     nn.AlphaDropout,
     nn.FeatureAlphaDropout,
 )
-
-
-def describe(obj: object) -> str:
-    return type(obj).__name__
 
 
 def _where(module: nn.Module, name: str) -> str:
@@ -393,7 +390,7 @@ class Watch:
     def take_fingerprint(self) -> dict[str, tuple[int, int, int]]:
         # _version counts in-place writes (optimizer steps, copy_, load_state_dict);
         # data_ptr and id catch `.data =` and replaced tensors.
-        return {name: (id(t), t.data_ptr(), *version_and_grad(t)[:1])
+        return {name: (id(t), t.data_ptr(), version_and_grad(t)[0])
                 for name, t in self.names_and_tensors()}
 
     def rebuild(self) -> None:

@@ -422,13 +422,12 @@ class Discovery:
 
     Forward hooks on every module of the root, removed as soon as the boundary
     returned; outputs are kept so that placeholders can be rebuilt later. Forward
-    pre-hooks record what each module was called with (its signature), the inputs
-    of the first module of the prefix (for ``validate=True``) and which module runs
-    now (to name the module of a random op).
+    pre-hooks record the inputs of the first module of the prefix (its signature, and
+    ``validate=True``'s digests) and which module runs now (to name the module of a
+    random op).
     """
 
-    def __init__(self, root: nn.Module, boundary: nn.Module, clock: Clock,
-                 sign: Callable[[tuple[Any, ...], dict[str, Any]], Any]) -> None:
+    def __init__(self, root: nn.Module, boundary: nn.Module, clock: Clock) -> None:
         self.root = root
         self.boundary = boundary
         self.names = {id(m): n for n, m in root.named_modules(remove_duplicate=True)}
@@ -436,11 +435,9 @@ class Discovery:
         self._ancestors = {id(m) for n, m in root.named_modules()
                            if n == "" or bname.startswith(n + ".")}
         self.done: list[tuple[nn.Module, Any]] = []
-        self.calls: list[tuple[nn.Module, Any]] = []  # (module, signature) per call
         self.first: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self.running: list[str] = []
         self.taint = Taint(clock)
-        self._sign = sign
         self._handles = [m.register_forward_hook(self._hook)
                          for m in root.modules() if m is not boundary]
         self._handles += [m.register_forward_pre_hook(self._pre, with_kwargs=True)
@@ -451,7 +448,6 @@ class Discovery:
             return
         if self.first is None:
             self.first = (args, kwargs)
-        self.calls.append((module, self._sign(args, kwargs)))
         self.running.append(self.names.get(id(module), describe(module)))
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:

@@ -401,7 +401,7 @@ def _ours(name: str) -> bool:
     return name in _OURS or name.startswith(("ns-", "meta.json.tmp"))
 
 
-def check_store_folder(directory: str, *, overwrite: bool = False) -> None:
+def check_store_folder(directory: str) -> None:
     """Refuse, before anything is patched, a ``path=`` that cannot be a store: a file, or
     a folder of files that are not a torchfreeze store."""
     if os.path.exists(directory) and not os.path.isdir(directory):
