@@ -47,6 +47,7 @@ from .groups import param_groups
 from .layers import Layer, layers
 from .load import CheckpointInfo, LoadReport, inspect_checkpoint, load_pretrained, read_state_dict
 from .norm import FrozenBatchNorm, convert_frozen_batchnorm, revert_frozen_batchnorm
+from .rotate import RotatingFreeze
 from .schedule import FineTune, GradualUnfreeze, fine_tune_schedule
 from .select import Selection, Selector, select
 from .summary import Summary, summary
@@ -71,6 +72,7 @@ __all__ = [
     "LoadError",
     "LoadReport",
     "ModelTypeError",
+    "RotatingFreeze",
     "SchedulerError",
     "Selection",
     "SelectionError",

@@ -379,7 +379,7 @@ class AutoFreeze:
         self._opt: Any = opt
         module = self.module
         idx = ModelIndex(module)
-        self._groups: list[tuple[str, list[str]]] = _resolve_groups(module, layers, idx)
+        self._groups: list[tuple[str, list[str]]] = resolve_groups(module, layers, idx)
         self.groups: tuple[str, ...] = tuple(name for name, _ in self._groups)
         self._group_params: list[list[nn.Parameter]] = [
             [idx.params[n] for n in names] for _, names in self._groups
@@ -770,9 +770,12 @@ def event_line(af: AutoFreeze, frozen: Sequence[str]) -> str:
             f"({len(af.frozen)} of {len(af.groups)} groups frozen)")
 
 
-def _resolve_groups(
-    module: nn.Module, layers: Sequence[Any] | None, idx: ModelIndex
+def resolve_groups(
+    module: nn.Module, layers: Sequence[Any] | None, idx: ModelIndex, *,
+    who: str = "AutoFreeze", minimum: int = 2,
 ) -> list[tuple[str, list[str]]]:
+    """``layers=`` of AutoFreeze / RotatingFreeze as ``[(group name, param names)]``:
+    ``tfz.layers(module)`` by default, each parameter in exactly one group."""
     from .layers import Layer
     from .layers import layers as find_layers
 
@@ -806,9 +809,9 @@ def _resolve_groups(
                 )
             seen[id(p)] = name
         groups.append((name, names))
-    if len(groups) < 2:
+    if len(groups) < minimum:
         raise TorchfreezeError(
-            f"AutoFreeze needs at least two layer groups (something to freeze and a head that "
+            f"{who} needs at least two layer groups (something to freeze and a head that "
             f"stays trainable); found {len(groups)} in {idx.describe()}. Pass layers= "
             "explicitly, e.g. layers=['backbone', 'head']."
         )

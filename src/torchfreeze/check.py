@@ -416,8 +416,11 @@ def _state_of(opt: Any, p: torch.Tensor) -> dict[str, Any]:
 def _check_optimizer_params(
     idx: ModelIndex, optimizers: list[Any], membership: dict[int, list[tuple[int, int]]]
 ) -> list[Finding]:
+    from ._managed import managed
+
     out: list[Finding] = []
     many = len(optimizers) > 1
+    kept = managed()
     foreign: list[tuple[str, tuple[int, ...]]] = []
     for oi, opt in enumerate(optimizers):
         real = unwrap_optimizer(opt)
@@ -436,6 +439,8 @@ def _check_optimizer_params(
                 if p.requires_grad:
                     continue
                 state = _state_of(real, p)
+                if id(p) in kept and p.grad is None and not state:
+                    continue  # inactive in a RotatingFreeze: step() skips it, by design
                 why = []
                 if p.grad is not None:
                     why.append("a .grad")

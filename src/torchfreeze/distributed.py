@@ -86,7 +86,7 @@ from .freeze import unfreeze as _unfreeze_module
 from .norm import BNPolicy
 from .select import ModelIndex, Selector, resolve
 
-__all__ = ["construction_kwargs", "freeze", "unfreeze"]
+__all__ = ["construction_kwargs", "freeze", "swap", "unfreeze"]
 
 _MB = 1024 * 1024
 #: a DistributedDataParallel wrapper or an FSDP2 (fully_shard) module
@@ -599,4 +599,63 @@ def freeze(
     _freeze_module(module, *selectors, bn=bn, exclude=exclude)
     if isinstance(model, DistributedDataParallel):  # _prepare: kind == "ddp"
         return _rewrap(model, kwargs, snapshot)
+    return model
+
+
+def swap(
+    model: _Wrapped,
+    *,
+    freeze: Selector,
+    unfreeze: Selector,
+    bn: BNPolicy = "eval",
+) -> _Wrapped:
+    """Freeze ``freeze`` and unfreeze ``unfreeze`` in one collective step, one re-wrap.
+
+    What :class:`~torchfreeze.RotatingFreeze` does at every switch under DDP:
+    :func:`unfreeze` followed by :func:`freeze` would build two wrappers (and
+    fail when the outgoing block is all that trains); this builds one. Selectors
+    are resolved on the wrapped model; ``unfreeze`` wins where both select a
+    parameter. Collective and checked on every rank first, like :func:`freeze`.
+
+    Returns:
+        The new DDP wrapper (the old one is disabled), or the FSDP2 module itself.
+
+    Raises:
+        SelectionError: a selector matched nothing (nothing changed on any rank).
+        DistributedFreezeError: nothing would be left to train, another rank
+            failed or was called differently, or the wrapper cannot be rebuilt.
+    """
+    kind, module, _, _, kwargs, group = _prepare(model, "swap", (), None)
+    error: Exception | None = None
+    plan: Any = None
+    try:
+        _check_bn(bn)
+        if kind == "ddp":
+            freeze, unfreeze = _strip_prefix(freeze, module), _strip_prefix(unfreeze, module)
+        idx = ModelIndex(module)
+        out = resolve(module, [freeze], index=idx, trainable=True)
+        inc = resolve(module, [unfreeze], index=idx, trainable=True)
+        incoming = {id(p) for p in inc.params}
+        going = {id(p) for p in out.params} - incoming
+        if kind == "ddp" and not any(
+            (p.requires_grad or id(p) in incoming) and id(p) not in going
+            for p in idx.params.values()
+        ):
+            raise DistributedFreezeError(
+                "the swap would leave no trainable parameter, and DistributedDataParallel "
+                "cannot wrap a model with nothing to train. Nothing was changed."
+            )
+        plan = (out.param_names, inc.param_names, freeze_state(module)["frozen"], bn)
+    except Exception as exc:  # any local failure must reach the other ranks, or they hang
+        error = exc
+    _agree(group, "swap", error, plan)
+    snapshot = _capture(module)
+    keep = [p for p in out.params if id(p) not in incoming]
+    if keep:
+        _freeze_module(module, keep, bn=bn)
+    if inc.params:
+        _unfreeze_module(module, list(inc.params))
+    if isinstance(model, DistributedDataParallel):  # _prepare: kind == "ddp"
+        return _rewrap(model, kwargs, snapshot)  # type: ignore[return-value]
+    _refresh_fsdp(module)
     return model

@@ -49,6 +49,9 @@ class Layer(Report):
         kind: ``"stem"``, ``"block"`` or ``"head"``.
         param_names: canonical names of its parameters, model order.
         num_params: scalar parameter count.
+        tied: ``(name here, other name)`` for every parameter of the group that
+            is one tensor with another module's (an input embedding tied to
+            ``lm_head``): freezing the group freezes both names.
     """
 
     index: int
@@ -56,11 +59,13 @@ class Layer(Report):
     kind: Literal["stem", "block", "head"]
     param_names: tuple[str, ...] = field(default=())
     num_params: int = 0
+    tied: tuple[tuple[str, str], ...] = field(default=())
 
     def _rich(self) -> str:
+        tied = "".join(f"; tied: {a} = {b}" for a, b in self.tied)
         return (
             f"Layer {self.index} {self.name} ({self.kind}, {len(self.param_names)} tensors, "
-            f"{fmt_count(self.num_params)} params)"
+            f"{fmt_count(self.num_params)} params{tied})"
         )
 
 
@@ -265,6 +270,9 @@ def _assemble(
 ) -> list[Layer]:
     out: list[Layer] = []
     seen: set[int] = set()
+    aliases: dict[int, list[str]] = {}
+    for alias, p in idx.param_aliases:
+        aliases.setdefault(id(p), []).append(alias)
 
     def add(name: str, kind: _Kind, members: list[tuple[str, nn.Parameter]]) -> None:
         members = [(n, p) for n, p in members if id(p) not in seen]
@@ -278,6 +286,8 @@ def _assemble(
                 kind=kind,
                 param_names=tuple(n for n, _ in members),
                 num_params=sum(p.numel() for _, p in members),
+                tied=tuple((n, other) for n, p in members
+                           for other in dict.fromkeys(aliases.get(id(p), [])) if other != n),
             )
         )
 

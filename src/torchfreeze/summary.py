@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 from torch import nn
 
+from ._managed import managed
 from ._report import Report, fmt_count
 from .errors import TorchfreezeError
 from .norm import bn_policy, is_batchnorm
@@ -132,11 +133,14 @@ def summary(
     """
     require_module(model, "summary")
     idx = ModelIndex(model)
+    kept = managed()
     if depth is None:
         from .layers import layers
 
         buckets: list[tuple[str, str, list[str]]] = [
-            (g.name, g.kind, list(g.param_names)) for g in layers(model)
+            (g.name + "".join(f" (tied: {a} = {b})" for a, b in g.tied), g.kind,
+             list(g.param_names))
+            for g in layers(model)
         ]
     else:
         order: dict[str, list[str]] = {}
@@ -192,7 +196,9 @@ def summary(
             if optimizer is not None
             else 0
         ),
-        frozen_in_optimizer=sum(1 for p in params if not p.requires_grad and id(p) in group_of),
+        # a RotatingFreeze's inactive groups are in the optimizer on purpose (see tfz.check)
+        frozen_in_optimizer=sum(1 for p in params if not p.requires_grad and id(p) in group_of
+                                and id(p) not in kept),
     )
 
 

@@ -69,6 +69,9 @@ class VerifyReport(Report):
         frozen_inside: trainable at entry and frozen inside the block by
             :class:`~torchfreeze.AutoFreeze`: copied when they froze and
             compared from that moment on (included in ``changed_frozen``).
+        frozen_stretches: frozen stretches compared when a
+            :class:`~torchfreeze.RotatingFreeze` made the tensor trainable again
+            inside the block (a change in one is in ``changed_frozen``).
         num_frozen: frozen tensors compared.
         num_trainable: trainable tensors fingerprinted.
         snapshot_bytes: memory the snapshot held.
@@ -82,6 +85,7 @@ class VerifyReport(Report):
     missing: list[str] = field(default_factory=list)
     unfrozen: list[str] = field(default_factory=list)
     frozen_inside: list[str] = field(default_factory=list)
+    frozen_stretches: int = 0
     num_frozen: int = 0
     num_trainable: int = 0
     snapshot_bytes: int = 0
@@ -128,6 +132,9 @@ class VerifyReport(Report):
         if self.frozen_inside:
             parts.append(Text(f"frozen inside the block, compared from then on: "
                               f"{len(self.frozen_inside)} tensors", style="dim"))
+        if self.frozen_stretches:
+            parts.append(Text(f"rotation: {self.frozen_stretches} frozen stretches compared "
+                              "when their tensors became trainable again", style="dim"))
         if self.unfrozen:
             parts.append(Text(f"unfrozen inside the block, not counted: "
                               f"{', '.join(self.unfrozen[:6])}"
@@ -203,9 +210,18 @@ _OPEN: list[_Snapshot] = []
 
 
 def _frozen_now(params: Sequence[torch.Tensor]) -> None:
-    """Called by AutoFreeze right after it froze ``params`` (and pinned their BN)."""
+    """Called by AutoFreeze and RotatingFreeze right after they froze ``params``
+    (and pinned their BN): they are copied now and compared from then on."""
     for snap in list(_OPEN):
         snap.frozen_now(params)
+
+
+def _unfrozen_now(params: Sequence[torch.Tensor]) -> None:
+    """Called by RotatingFreeze right before it makes ``params`` trainable again:
+    each is compared with its copy now (so its frozen stretch is proven), then
+    watched as a trainable tensor."""
+    for snap in list(_OPEN):
+        snap.unfrozen_now(params)
 
 
 class _Snapshot:
@@ -221,6 +237,9 @@ class _Snapshot:
         self._bn_later: dict[int, tuple[str, nn.Module, list[tuple[str, torch.Tensor]]]] = {}
         self.bytes = 0
         self.values = 0
+        self._params = dict(idx.params)
+        self.changed_early: dict[str, float] = {}  # moved while frozen, unfrozen since
+        self.checked_stretches = 0
         with torch.no_grad():
             for name, p in idx.params.items():
                 if p.requires_grad:
@@ -261,6 +280,21 @@ class _Snapshot:
                     self.owner[full] = mname
                     self.frozen_inside.append(full)
 
+    def unfrozen_now(self, params: Sequence[torch.Tensor]) -> None:
+        ids = {id(p) for p in params}
+        with torch.no_grad():
+            for name, p in list(self._params.items()):
+                if id(p) not in ids or name not in self.frozen:
+                    continue
+                before = self.frozen.pop(name)
+                after = _local(p).to(before.device)
+                if not (before.shape == after.shape and before.dtype == after.dtype
+                        and torch.equal(bits(before), bits(after))):
+                    self.changed_early[name] = _max_abs_change(before, after)
+                self.checked_stretches += 1
+                self.trainable[name] = _fingerprint(_local(p))
+                self._trainable_ids[id(p)] = (name, p)
+
     def _keep(self, name: str, t: torch.Tensor, kind: str) -> None:
         local = _local(t)
         copy = local.to("cpu", copy=True) if self.offload else local.clone(
@@ -297,6 +331,10 @@ class _Snapshot:
                 max_change[name] = 0.0 if same else _max_abs_change(before, after)
                 if not same:
                     changed.append(name)
+            for name, change in self.changed_early.items():
+                if name not in changed:
+                    changed.append(name)
+                    max_change[name] = change
             stuck = []
             for name, fp in self.trainable.items():
                 now = lookup.get(name)
@@ -308,6 +346,7 @@ class _Snapshot:
         report.frozen_inside = list(self.frozen_inside)
         report.max_abs_change = max_change
         report.unchanged_trainable = stuck
+        report.frozen_stretches = self.checked_stretches
         report.num_frozen = len(self.frozen)
         report.num_trainable = len(self.trainable)
         report.snapshot_bytes = self.bytes

@@ -1,0 +1,286 @@
+"""RotatingFreeze (BAdam / LISA) on a small Llama: state freed, inactive groups
+bit-identical, resume, orders, errors, checkpointing, tied weights, DDP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import torchfreeze as tfz
+from torchfreeze.errors import FreezeStateError, TorchfreezeError
+from torchfreeze.rotate import optimizer_state_bytes
+
+from ._dist_utils import run_ranks
+
+
+def tiny_llama(layers: int = 4, seed: int = 0) -> nn.Module:
+    """A LlamaForCausalLM with tied embeddings, as SmolLM2 (seeded, no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=64, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg)
+
+
+def batch(i: int) -> torch.Tensor:
+    return torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(100 + i))
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, rot: tfz.RotatingFreeze,
+          steps: range, *, set_to_none: bool = True) -> list[float]:
+    losses = []
+    for i in steps:
+        x = batch(i)
+        loss = rot.model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        rot.step()
+        opt.zero_grad(set_to_none=set_to_none)
+        losses.append(loss.item())
+    return losses
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def build(order: str = "descending", state: str = "fresh", **kw: Any) -> tuple[Any, ...]:
+    model = tiny_llama()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    rot = tfz.RotatingFreeze(model, opt, switch_every=3, order=order, state=state, **kw)
+    return model, opt, rot
+
+
+def test_optimizer_holds_state_only_for_the_active_group_measured() -> None:
+    model, opt, rot = build()
+    params = dict(model.named_parameters())
+    for i in range(9):
+        train(model, opt, rot, range(i, i + 1))
+        if rot.steps % 3 == 0:  # just switched: nothing trained yet in the new block
+            assert optimizer_state_bytes(opt) == 0
+            continue
+        active = {n for g, names in rot.groups if g in rot.active for n in names}
+        held = {n for n, p in params.items() if p in opt.state}
+        assert held == active
+        # AdamW: exp_avg + exp_avg_sq in fp32, plus a 4-byte step counter per tensor
+        expect = sum(2 * params[n].numel() * 4 + 4 for n in active)
+        assert optimizer_state_bytes(opt) == rot.state_bytes() == expect
+    assert len(opt.param_groups) == 1  # no group removed: schedulers stay aligned
+
+
+def test_inactive_groups_are_bit_identical_between_activations_and_verify_proves_it() -> None:
+    model, opt, rot = build()
+    with tfz.verify(model, strict=True) as report:
+        seen: dict[str, dict[str, torch.Tensor]] = {}
+        for i in range(18):
+            leaving = set(rot.active)
+            train(model, opt, rot, range(i, i + 1), set_to_none=False)  # zeros, not None
+            for g in leaving - set(rot.active):  # just switched out: remember its weights
+                seen[g] = {n: dict(model.named_parameters())[n].detach().clone()
+                           for gg, names in rot.groups if gg == g for n in names}
+            for g, before in seen.items():
+                if g not in rot.active:
+                    now = dict(model.named_parameters())
+                    assert all(torch.equal(now[n], t) for n, t in before.items()), g
+    assert report.ok and report.frozen_stretches > 0
+    # every group trained in its turn: nothing is stuck
+    assert {g for _, names in rot.events for g in names} == {g for g, _ in rot.groups}
+
+
+def test_verify_catches_an_inactive_group_that_moved() -> None:
+    model, opt, rot = build()
+    with tfz.verify(model) as report:
+        train(model, opt, rot, range(4))  # head active for 3 steps, then layers.3
+        with torch.no_grad():
+            model.model.norm.weight.add_(1.0)  # inactive now: something moved it
+        train(model, opt, rot, range(4, 15))  # head becomes active again at step 12
+    assert not report.ok
+    assert "model.norm.weight" in report.changed_frozen
+    assert report.max_abs_change["model.norm.weight"] == pytest.approx(1.0)
+
+
+def test_check_finds_nothing_to_fix_but_a_stale_grad_on_an_inactive_group_is_an_error() -> None:
+    model, opt, rot = build()
+    train(model, opt, rot, range(4))
+    x = batch(99)
+    model(input_ids=x, labels=x).loss.backward()
+    assert tfz.check(model, opt).ok
+    inactive = model.model.layers[0].mlp.up_proj.weight
+    inactive.grad = torch.zeros_like(inactive)
+    found = tfz.check(model, opt)
+    assert {f.code for f in found.errors} == {"frozen-in-optimizer", "stale-grad"}
+    assert all("model.layers.0.mlp.up_proj.weight" in f.names for f in found.errors)
+
+
+@pytest.mark.parametrize(("order", "state"), [("descending", "fresh"), ("random", "keep")])
+def test_resume_mid_block_is_bit_identical(order: str, state: str) -> None:
+    model, opt, rot = build(order, state)
+    train(model, opt, rot, range(16))
+    expected = weights(model)
+
+    model, opt, rot = build(order, state)
+    train(model, opt, rot, range(7))  # mid-block: 7 % 3 != 0
+    ckpt = {"model": model.state_dict(), "opt": opt.state_dict(), "rot": rot.state_dict()}
+    torch.save(ckpt, "/dev/null")  # the state is torch.save-able (tensors in the stash)
+
+    model, opt, rot = build(order, state)
+    rot.load_state_dict(ckpt["rot"])
+    opt.load_state_dict(ckpt["opt"])
+    model.load_state_dict(ckpt["model"])
+    train(model, opt, rot, range(7, 16))
+    assert all(torch.equal(expected[n], p) for n, p in model.named_parameters())
+
+
+def test_keep_returns_a_groups_state_and_fresh_starts_it_again() -> None:
+    for state in ("keep", "fresh"):
+        model, opt, rot = build(state=state, layers=["model.layers.0", "model.layers.1"])
+        w = model.model.layers[1].mlp.up_proj.weight  # descending: layers.1 first
+        train(model, opt, rot, range(2))
+        x = batch(2)
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        left = {k: v.clone() for k, v in opt.state[w].items()}
+        rot.step()  # the third step: layers.1 leaves
+        opt.zero_grad()
+        assert w not in opt.state and rot.active == ["model.layers.0"]
+        assert (rot.stash_bytes > 0) == (state == "keep")
+        train(model, opt, rot, range(3, 6))  # layers.1 is back, no step taken yet
+        if state == "keep":
+            assert rot.stash_bytes > 0  # layers.0's state waits now
+            assert all(torch.equal(left[k], v) for k, v in opt.state[w].items())
+        else:
+            assert w not in opt.state
+            train(model, opt, rot, range(6, 7))
+            assert int(opt.state[w]["step"]) == 1  # bias correction starts again (BAdam)
+
+
+def test_orders_and_lisa() -> None:
+    model = tiny_llama(layers=6)
+    opt = torch.optim.AdamW(model.parameters())
+    emb = model.model.embed_tokens.weight
+    rot = tfz.RotatingFreeze(model, opt, switch_every=1, order="random", active=2, seed=3,
+                             always=["model.embed_tokens", "model.norm"])
+    assert [g for g, _ in rot.groups] == [f"model.layers.{i}" for i in range(6)]
+    for _ in range(9):
+        assert emb.requires_grad and model.model.norm.weight.requires_grad  # LISA's always
+        assert sum(p.requires_grad for p in model.model.layers.parameters()) == 2 * 9
+        rot.step()
+    draws = [names for _, names in rot.events]
+    # random reshuffling: each cycle of 3 windows covers all 6 layers exactly once
+    for c in range(3):
+        cycle = [n for names in draws[3 * c:3 * c + 3] for n in names]
+        assert sorted(cycle) == sorted(g for g, _ in rot.groups)
+    model2 = tiny_llama(layers=6)
+    rot2 = tfz.RotatingFreeze(model2, torch.optim.AdamW(model2.parameters()), switch_every=1,
+                              order="random", active=2, seed=3,
+                              always=["model.embed_tokens", "model.norm"])
+    for _ in range(9):
+        rot2.step()
+    assert [names for _, names in rot2.events] == draws  # same seed, same draws (every rank)
+    model3 = tiny_llama(layers=3)
+    rot3 = tfz.RotatingFreeze(model3, torch.optim.SGD(model3.parameters(), lr=0.1),
+                              switch_every=1, order="ascending")
+    for _ in range(4):
+        rot3.step()
+    assert [n for _, (n,) in rot3.events] == ["model.layers.0", "model.layers.1",
+                                              "model.layers.2", "head", "model.layers.0"]
+
+
+def test_bad_settings_are_refused_and_change_nothing() -> None:
+    model = tiny_llama()
+    flags = [p.requires_grad for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(TorchfreezeError, match="active=5 but there are 5 rotating groups"):
+        tfz.RotatingFreeze(model, opt, active=5)
+    with pytest.raises(TorchfreezeError, match="order='reverse'"):
+        tfz.RotatingFreeze(model, opt, order="reverse")  # type: ignore[arg-type]
+    with pytest.raises(TorchfreezeError, match="switch_every=0"):
+        tfz.RotatingFreeze(model, opt, switch_every=0)
+    partial = torch.optim.AdamW(model.model.layers[3].parameters())
+    with pytest.raises(TorchfreezeError, match="does not hold .*AdamW\\(model.parameters"):
+        tfz.RotatingFreeze(model, partial)
+    half = tiny_llama().to(torch.bfloat16)
+    with pytest.raises(TorchfreezeError, match="torch.bfloat16: .* float32"):
+        tfz.RotatingFreeze(half, torch.optim.AdamW(half.parameters()))
+    assert [p.requires_grad for p in model.parameters()] == flags and not opt.state
+
+
+def test_load_state_dict_refuses_other_settings_and_other_objects() -> None:
+    *_, rot = build()
+    sd = rot.state_dict()
+    m2 = tiny_llama()
+    rot2 = tfz.RotatingFreeze(m2, torch.optim.AdamW(m2.parameters()), switch_every=5)
+    with pytest.raises(FreezeStateError, match="switch_every: saved 3, here 5"):
+        rot2.load_state_dict(sd)
+    with pytest.raises(FreezeStateError, match="expected a state saved by RotatingFreeze"):
+        rot2.load_state_dict(tfz.freeze_state(m2))
+    assert rot2.active == ["head"] and rot2.steps == 0
+
+
+def test_scheduler_stays_aligned_through_switches() -> None:
+    model, opt, rot = build()
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=6)
+    for i in range(8):
+        train(model, opt, rot, range(i, i + 1))
+        sched.step()
+    assert len(opt.param_groups) == len(sched.base_lrs) == 1
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2)
+
+
+def test_gradient_checkpointing_trains_the_active_block() -> None:
+    model, opt, rot = build()
+    model.gradient_checkpointing_enable()
+    model.train()
+    train(model, opt, rot, range(3))  # the head first (embedding tied to lm_head)
+    before = weights(model)
+    train(model, opt, rot, range(3, 5))  # layers.3 inside checkpointed blocks
+    moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert moved == {n for n, _ in model.model.layers[3].named_parameters(prefix="model.layers.3")}
+
+
+def test_tied_embedding_is_the_head_group_and_shown_tied() -> None:
+    model = tiny_llama()
+    groups = tfz.layers(model)
+    head = groups[-1]
+    assert head.kind == "head" and "model.embed_tokens.weight" in head.param_names
+    assert head.tied == (("model.embed_tokens.weight", "lm_head.weight"),)
+    assert "tied: model.embed_tokens.weight = lm_head.weight" in str(head)
+    opt = torch.optim.AdamW(model.parameters())
+    rot = tfz.RotatingFreeze(model, opt, switch_every=1)
+    rot.step()  # the head (with its tied embedding) leaves
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not model.lm_head.weight.requires_grad
+
+
+def _ddp_rotation(rank: int) -> dict[str, Any]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = tiny_llama(layers=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ddp = DistributedDataParallel(model)
+    rot = tfz.RotatingFreeze(ddp, opt, switch_every=2, order="random", seed=1)
+    g = torch.Generator().manual_seed(rank)  # each rank its own data
+    for _ in range(9):
+        x = torch.randint(0, 96, (2, 12), generator=g)
+        loss = rot.model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        rot.step()
+        opt.zero_grad()
+    return {"weights": weights(model), "events": rot.events, "groups": dict(rot.groups)}
+
+
+def test_ddp_ranks_stay_bit_identical_across_switches(tmp_path: Any) -> None:
+    r0, r1 = run_ranks(_ddp_rotation, tmp_path)
+    assert len(r0["events"]) == 5 and r0["events"] == r1["events"]
+    assert all(torch.equal(r0["weights"][n], r1["weights"][n]) for n in r0["weights"])
+    start = tiny_llama(layers=3)
+    moved = {n for n, p in start.named_parameters() if not torch.equal(p, r0["weights"][n])}
+    # every window trained at least one step: what moved is exactly the groups drawn
+    drawn = {n for _, groups in r0["events"] for g in groups for n in r0["groups"][g]}
+    assert moved == drawn and len(drawn) < len(r0["weights"]) + 1
