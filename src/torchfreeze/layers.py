@@ -271,7 +271,7 @@ def _assemble(
     out: list[Layer] = []
     seen: set[int] = set()
     aliases: dict[int, list[str]] = {}
-    for alias, p in idx.param_aliases:
+    for alias, p in idx.model.named_parameters(remove_duplicate=False):  # no wrapper names
         aliases.setdefault(id(p), []).append(alias)
 
     def add(name: str, kind: _Kind, members: list[tuple[str, nn.Parameter]]) -> None:

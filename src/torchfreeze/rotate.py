@@ -143,7 +143,7 @@ class RotatingFreeze:
         ['2']
         >>> for _ in range(4):
         ...     net(torch.randn(8, 4)).sum().backward()
-        ...     opt.step(); rot.step(); opt.zero_grad()
+        ...     opt.step(); _ = rot.step(); opt.zero_grad()
         >>> rot.events
         [(0, ['2']), (2, ['1']), (4, ['0'])]
         >>> [n for n, p in net.named_parameters() if p.requires_grad], len(opt.state)
