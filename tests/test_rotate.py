@@ -284,3 +284,53 @@ def test_ddp_ranks_stay_bit_identical_across_switches(tmp_path: Any) -> None:
     # every window trained at least one step: what moved is exactly the groups drawn
     drawn = {n for _, groups in r0["events"] for g in groups for n in r0["groups"][g]}
     assert moved == drawn and len(drawn) < len(r0["weights"]) + 1
+
+
+class _LMData(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x = batch(i)[0]
+        return {"input_ids": x, "labels": x}
+
+
+def _hf_fit(out: Any, callbacks: list[Any], resume: str | None = None) -> tuple[Any, Any]:
+    from transformers import Trainer
+
+    from ._hf import training_args
+
+    model = tiny_llama()
+    trainer = Trainer(model=model, args=training_args(out, weight_decay=0.0, save_steps=3),
+                      train_dataset=_LMData(), callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
+    return model, trainer
+
+
+def test_hf_callback_frees_state_and_resumes_bit_identical_unlike_a_flag_only_callback(
+        tmp_path: Any) -> None:
+    from transformers import TrainerCallback
+
+    from torchfreeze.integrations.transformers import RotatingFreezeCallback
+
+    class FlagsOnly(TrainerCallback):  # LMFlow #726: flips requires_grad, keeps the state
+        def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None,
+                              **kw: Any) -> None:
+            layer = (state.global_step // 2) % 4
+            for i, blk in enumerate(model.model.layers):
+                blk.requires_grad_(i == layer)
+
+    _, flag_trainer = _hf_fit(tmp_path / "flags", [FlagsOnly()])
+    flag_bytes = optimizer_state_bytes(flag_trainer.optimizer)
+
+    cb = RotatingFreezeCallback(switch_every=2)
+    model, trainer = _hf_fit(tmp_path / "a", [cb])
+    full = sum(8 * p.numel() + 4 for p in model.parameters())
+    assert flag_bytes == full  # every layer that ever trained keeps its AdamW state
+    assert cb.rotation.steps == 8 and len(cb.rotation.events) == 5
+    assert optimizer_state_bytes(trainer.optimizer) == 0  # step 8 just switched: all freed
+
+    resumed, _ = _hf_fit(tmp_path / "b", [RotatingFreezeCallback(switch_every=2)],
+                         resume=str(tmp_path / "a/checkpoint-3"))
+    for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -52,7 +52,7 @@ from ..select import Selector, select
 from ..summary import summary
 from . import _Plan, _state
 
-__all__ = ["AutoFreezeCallback", "FreezeCallback"]
+__all__ = ["AutoFreezeCallback", "FreezeCallback", "RotatingFreezeCallback"]
 
 _PATCHED = "_torchfreeze_callback"
 
@@ -433,3 +433,109 @@ class AutoFreezeCallback(TrainerCallback, ExportableState):
             from ..autofreeze import event_line
 
             print(event_line(self.autofreeze, frozen))
+
+
+_ROT_PATCHED = "_torchfreeze_rotating_callback"
+
+
+class RotatingFreezeCallback(TrainerCallback, ExportableState):
+    """:class:`torchfreeze.RotatingFreeze` for ``transformers.Trainer`` (BAdam, LISA).
+
+    Pass it in ``Trainer(callbacks=[...])`` with every parameter trainable (the
+    Trainer builds its optimizer over the trainable ones). Right after the Trainer
+    builds its optimizer, a ``RotatingFreeze`` is built on it, and stepped at every
+    ``on_optimizer_step``: the outgoing groups' optimizer state is **freed**, not
+    only their ``requires_grad`` flipped (a flag-only callback keeps the full AdamW
+    state of every layer). Resumable with ``train(resume_from_checkpoint=...)``: the
+    rotation's state is saved in ``trainer_state.json``.
+
+    Not supported (refused with a clear error): several processes (use
+    :class:`~torchfreeze.RotatingFreeze` with ``torchfreeze.distributed`` in your own
+    DDP loop), ``state="keep"`` (its host-memory stash is not in the checkpoint).
+
+    Args:
+        **options: :class:`~torchfreeze.RotatingFreeze` options (``layers``,
+            ``active``, ``switch_every``, ``order``, ``always``, ``seed``).
+
+    Example:
+        >>> from torchfreeze.integrations.transformers import RotatingFreezeCallback
+        >>> cb = RotatingFreezeCallback(switch_every=50, order="descending")
+        >>> # Trainer(model, args, train_dataset=ds, callbacks=[cb]).train(); cb.rotation.events
+    """
+
+    _OPTIONS = ("layers", "active", "switch_every", "order", "always", "seed")
+
+    def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self._OPTIONS))
+        if unknown:
+            raise TorchfreezeError(
+                f"RotatingFreezeCallback got unknown options {unknown}; it takes "
+                + ", ".join(f"{o}=" for o in self._OPTIONS) + "."
+            )
+        self._options = options
+        #: the :class:`~torchfreeze.RotatingFreeze` (once the Trainer built its optimizer)
+        self.rotation: Any = None
+        self._model: nn.Module | None = None
+
+    def state(self) -> dict[str, Any]:
+        st = self.rotation.state_dict() if self.rotation is not None else None
+        if st is not None:
+            st = {k: v for k, v in st.items() if k not in ("stash", "stash_devices")}
+        return {"args": {}, "attributes": {"tfz_rotation": st}}
+
+    def on_init_end(self, args: Any, state: Any, control: Any, model: Any = None,
+                    **kwargs: Any) -> None:
+        _check_args(args)
+        if model is None:
+            raise TorchfreezeError(
+                "RotatingFreezeCallback got no model at Trainer init. Pass model= to the "
+                "Trainer (model_init is not supported)."
+            )
+        self._model = model
+        trainer = _calling_trainer()
+        if trainer is None:
+            raise TorchfreezeError(
+                "RotatingFreezeCallback could not find the Trainer that fired on_init_end. "
+                "Pass it as transformers.Trainer(..., callbacks=[cb])."
+            )
+        ref = weakref.ref(trainer)
+        create = trainer.create_optimizer
+
+        def create_optimizer(*a: Any, **kw: Any) -> Any:
+            optimizer = create(*a, **kw)
+            self._build(ref(), optimizer)
+            return optimizer
+
+        trainer.create_optimizer = create_optimizer  # type: ignore[method-assign]
+        setattr(trainer, _ROT_PATCHED, weakref.ref(self))
+
+    def _build(self, trainer: Any, optimizer: Any) -> None:
+        from ..rotate import RotatingFreeze
+
+        if trainer.args.world_size > 1:
+            raise TorchfreezeError(
+                f"RotatingFreezeCallback with {trainer.args.world_size} processes: the Trainer "
+                "keeps its DistributedDataParallel wrapper in a local variable of its training "
+                "loop, so it cannot be re-wrapped at a switch. Train in one process, or use "
+                "tfz.RotatingFreeze on a DDP model in your own loop."
+            )
+        assert self._model is not None
+        self.rotation = RotatingFreeze(self._model, optimizer, **self._options)
+        saved = (trainer.state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(saved, list):
+            saved = saved[0] if saved else None
+        st = saved.get("attributes", {}).get("tfz_rotation") if isinstance(saved, dict) else None
+        if st:
+            self.rotation.load_state_dict(st)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
+                       **kwargs: Any) -> None:
+        if self.rotation is None:
+            raise TorchfreezeError(
+                "RotatingFreezeCallback never saw the Trainer build its optimizer. Pass it as "
+                "Trainer(..., callbacks=[cb]) and let the Trainer create the optimizer."
+            )
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.rotation is not None:
+            self.rotation.step()
