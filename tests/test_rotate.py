@@ -334,3 +334,55 @@ def test_hf_callback_frees_state_and_resumes_bit_identical_unlike_a_flag_only_ca
                          resume=str(tmp_path / "a/checkpoint-3"))
     for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_lightning_callback_frees_state_and_resumes_bit_identical(tmp_path: Any) -> None:
+    import lightning.pytorch as pl
+
+    from torchfreeze.integrations.lightning import RotatingFreezeCallback
+
+    class LM(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = tiny_llama()
+
+        def training_step(self, x: torch.Tensor, _: int) -> torch.Tensor:
+            return self.lm(input_ids=x, labels=x).loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    data = torch.utils.data.DataLoader([batch(i)[0] for i in range(12)], batch_size=4)
+
+    def fit(out: Any, epochs: int, ckpt: str | None = None) -> tuple[Any, Any, Any]:
+        module = LM()
+        cb = RotatingFreezeCallback(switch_every=2)
+        saver = pl.callbacks.ModelCheckpoint(dirpath=out, filename="{epoch}", save_top_k=-1)
+        trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=out, callbacks=[cb, saver])
+        trainer.fit(module, data, ckpt_path=ckpt)
+        return module, trainer, cb
+
+    module, trainer, cb = fit(tmp_path / "a", 3)  # 9 steps: mid-block at every epoch end
+    rot = cb.rotation
+    assert rot.steps == 9 and [s for s, _ in rot.events] == [0, 2, 4, 6, 8]
+    params = dict(module.named_parameters())
+    active = {n for g, names in rot.groups if g in rot.active for n in names}
+    held = {n for n, p in params.items() if p in trainer.optimizers[0].state}
+    assert held == active  # only the active group holds AdamW state
+    resumed, _, _ = fit(tmp_path / "b", 3, ckpt=str(tmp_path / "a" / "epoch=0.ckpt"))
+    for (name, a), (_, b) in zip(module.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_callbacks_refuse_unknown_options_and_the_hf_one_refuses_keep() -> None:
+    from torchfreeze.integrations.lightning import RotatingFreezeCallback as PLRot
+    from torchfreeze.integrations.transformers import RotatingFreezeCallback as HFRot
+
+    for cls in (PLRot, HFRot):
+        with pytest.raises(TorchfreezeError, match=r"unknown options .*switch_every="):
+            cls(interval=5)
+    with pytest.raises(TorchfreezeError, match="trainer_state.json"):
+        HFRot(state="keep")
+    assert PLRot(state="keep").rotation is None  # Lightning checkpoints hold tensors

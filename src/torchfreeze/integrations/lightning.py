@@ -44,11 +44,12 @@ from ..summary import summary
 from . import LIGHTNING_FORMAT, STATE_VERSION, _Plan
 from . import STATE_FORMAT as _SHARED_FORMAT
 
-__all__ = ["AutoFreezeCallback", "FreezeCallback"]
+__all__ = ["AutoFreezeCallback", "FreezeCallback", "RotatingFreezeCallback"]
 
 # strategies that shard parameters or own the optimizer: requires_grad changes and
 # new param groups cannot be applied behind their back
 AUTO_FORMAT = register(_SHARED_FORMAT + ".auto", "the Lightning AutoFreezeCallback")
+ROTATING_FORMAT = register(_SHARED_FORMAT + ".rotating", "the Lightning RotatingFreezeCallback")
 
 _UNSUPPORTED = ("DeepSpeedStrategy", "FSDPStrategy", "ModelParallelStrategy", "XLAStrategy",
                 "SingleDeviceXLAStrategy", "XLAFSDPStrategy")
@@ -357,3 +358,88 @@ class AutoFreezeCallback(Callback):
     def _sync_wrapper(self, trainer: pl.Trainer) -> None:
         if isinstance(trainer.strategy.model, DistributedDataParallel):
             trainer.strategy.model = self.autofreeze.model
+
+
+class RotatingFreezeCallback(Callback):
+    """:class:`torchfreeze.RotatingFreeze` for a LightningModule (BAdam, LISA).
+
+    Builds a ``RotatingFreeze`` on the module and its optimizer at fit start (return
+    an optimizer over every parameter from ``configure_optimizers``) and steps it
+    after every optimizer step: the outgoing groups' optimizer state is freed, not
+    only their flags flipped. Resumable: the checkpoint carries the rotation
+    (its ``state="keep"`` stash included), applied at fit start before Lightning
+    loads the optimizer state. With the ``ddp`` strategy the model is re-wrapped at
+    every switch.
+
+    Args:
+        optimizer_index: which of ``trainer.optimizers`` rotates.
+        **options: :class:`~torchfreeze.RotatingFreeze` options (``layers``, ``active``,
+            ``switch_every``, ``order``, ``always``, ``seed``, ``state``).
+
+    Example:
+        >>> from torchfreeze.integrations.lightning import RotatingFreezeCallback
+        >>> cb = RotatingFreezeCallback(switch_every=50)
+        >>> # pl.Trainer(callbacks=[cb], ...).fit(module); cb.rotation.events
+    """
+
+    _OPTIONS = ("layers", "active", "switch_every", "order", "always", "seed", "state")
+
+    def __init__(self, *, optimizer_index: int = 0, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self._OPTIONS))
+        if unknown:
+            raise TorchfreezeError(
+                f"RotatingFreezeCallback got unknown options {unknown}; it takes "
+                + ", ".join(f"{o}=" for o in self._OPTIONS) + "."
+            )
+        self._options = options
+        self.optimizer_index = optimizer_index
+        #: the :class:`~torchfreeze.RotatingFreeze` (from fit start)
+        self.rotation: Any = None
+        self._pending: dict[str, Any] | None = None
+        self._seen = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": ROTATING_FORMAT, "version": STATE_VERSION,
+                "rotation": self.rotation.state_dict() if self.rotation else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_format(state_dict, ROTATING_FORMAT, hint="Resume from a checkpoint of a run "
+                     "with this callback.")
+        self._pending = dict(state_dict)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            _check_strategy(trainer.strategy)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from ..rotate import RotatingFreeze
+
+        pending, self._pending = self._pending, None
+        opts = trainer.optimizers
+        if not 0 <= self.optimizer_index < len(opts):
+            raise TorchfreezeError(
+                f"RotatingFreezeCallback(optimizer_index={self.optimizer_index}) but the "
+                f"trainer has {len(opts)} optimizer(s). Return an optimizer from "
+                "configure_optimizers."
+            )
+        model = trainer.strategy.model
+        assert model is not None
+        self.rotation = RotatingFreeze(model, opts[self.optimizer_index], **self._options)
+        if pending is not None and pending.get("rotation") is not None:
+            self.rotation.load_state_dict(pending["rotation"])
+        self._sync_wrapper(trainer)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._seen = trainer.global_step  # restored by now when resuming
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.rotation is None or trainer.global_step == self._seen:
+            return
+        self._seen = trainer.global_step
+        if self.rotation.step():
+            self._sync_wrapper(trainer)
+
+    def _sync_wrapper(self, trainer: pl.Trainer) -> None:
+        if isinstance(trainer.strategy.model, DistributedDataParallel):
+            trainer.strategy.model = self.rotation.model

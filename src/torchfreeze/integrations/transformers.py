@@ -463,7 +463,7 @@ class RotatingFreezeCallback(TrainerCallback, ExportableState):
         >>> # Trainer(model, args, train_dataset=ds, callbacks=[cb]).train(); cb.rotation.events
     """
 
-    _OPTIONS = ("layers", "active", "switch_every", "order", "always", "seed")
+    _OPTIONS = ("layers", "active", "switch_every", "order", "always", "seed", "state")
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self._OPTIONS))
@@ -471,6 +471,13 @@ class RotatingFreezeCallback(TrainerCallback, ExportableState):
             raise TorchfreezeError(
                 f"RotatingFreezeCallback got unknown options {unknown}; it takes "
                 + ", ".join(f"{o}=" for o in self._OPTIONS) + "."
+            )
+        if options.get("state", "fresh") != "fresh":
+            raise TorchfreezeError(
+                f"RotatingFreezeCallback(state={options['state']!r}): the Trainer saves callback "
+                "state as JSON in trainer_state.json, so a host-memory stash of optimizer "
+                "state would be lost on resume. Use the default state='fresh' (BAdam's), or "
+                "tfz.RotatingFreeze(state='keep') in your own loop with torch.save."
             )
         self._options = options
         #: the :class:`~torchfreeze.RotatingFreeze` (once the Trainer built its optimizer)
