@@ -303,6 +303,9 @@ def _agree(group: Any, action: str, error: Exception | None, plan: Any) -> None:
 
 
 def _short(plan: Any) -> str:
+    if len(plan) == 4:  # swap: (freezes, unfreezes, frozen before, bn)
+        return (f"freezes {list(plan[0])[:4]}, unfreezes {list(plan[1])[:4]}, "
+                f"has frozen {list(plan[2])[:4]}")
     selected, frozen_before = plan[0], plan[1]
     return f"selects {list(selected)[:4]}, has frozen {list(frozen_before)[:4]}"
 
