@@ -321,13 +321,7 @@ class AutoFreezeCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pending, self._pending = self._pending, None
-        opts = trainer.optimizers
-        if not 0 <= self.optimizer_index < len(opts):
-            raise TorchfreezeError(
-                f"AutoFreezeCallback(optimizer_index={self.optimizer_index}) but the trainer "
-                f"has {len(opts)} optimizer(s). Return an optimizer from configure_optimizers."
-            )
-        opt = opts[self.optimizer_index]
+        opt = _optimizer_at(trainer, self.optimizer_index, "AutoFreezeCallback")
         model = trainer.strategy.model
         assert model is not None
         self.autofreeze = self._cls(model, opt,
@@ -358,6 +352,16 @@ class AutoFreezeCallback(Callback):
     def _sync_wrapper(self, trainer: pl.Trainer) -> None:
         if isinstance(trainer.strategy.model, DistributedDataParallel):
             trainer.strategy.model = self.autofreeze.model
+
+
+def _optimizer_at(trainer: pl.Trainer, index: int, who: str) -> torch.optim.Optimizer:
+    opts = trainer.optimizers
+    if not 0 <= index < len(opts):
+        raise TorchfreezeError(
+            f"{who}(optimizer_index={index}) but the trainer has {len(opts)} optimizer(s). "
+            "Return an optimizer from configure_optimizers."
+        )
+    return opts[index]
 
 
 class RotatingFreezeCallback(Callback):
@@ -415,16 +419,10 @@ class RotatingFreezeCallback(Callback):
         from ..rotate import RotatingFreeze
 
         pending, self._pending = self._pending, None
-        opts = trainer.optimizers
-        if not 0 <= self.optimizer_index < len(opts):
-            raise TorchfreezeError(
-                f"RotatingFreezeCallback(optimizer_index={self.optimizer_index}) but the "
-                f"trainer has {len(opts)} optimizer(s). Return an optimizer from "
-                "configure_optimizers."
-            )
+        opt = _optimizer_at(trainer, self.optimizer_index, "RotatingFreezeCallback")
         model = trainer.strategy.model
         assert model is not None
-        self.rotation = RotatingFreeze(model, opts[self.optimizer_index], **self._options)
+        self.rotation = RotatingFreeze(model, opt, **self._options)
         if pending is not None and pending.get("rotation") is not None:
             self.rotation.load_state_dict(pending["rotation"])
         self._sync_wrapper(trainer)

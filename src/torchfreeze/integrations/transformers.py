@@ -379,17 +379,7 @@ class AutoFreezeCallback(TrainerCallback, ExportableState):
             )
         if getattr(trainer, _AUTO_PATCHED, None) is not None:
             raise TorchfreezeError("this Trainer already has an AutoFreezeCallback; use one.")
-        ref = weakref.ref(trainer)
-        create = trainer.create_optimizer  # FreezeCallback's patch, or the class's method
-
-        def create_optimizer(*a: Any, **kw: Any) -> Any:
-            optimizer = create(*a, **kw)
-            self._build(ref(), optimizer)
-            return optimizer
-
-        # patched on this instance only (mypy forbids assigning to a method): the
-        # Trainer builds its optimizer in train(), after every callback hook we get
-        trainer.create_optimizer = create_optimizer  # type: ignore[method-assign]
+        _on_optimizer_built(trainer, self._build)
         setattr(trainer, _AUTO_PATCHED, weakref.ref(self))
 
     def _build(self, trainer: Any, optimizer: Any) -> None:
@@ -404,10 +394,7 @@ class AutoFreezeCallback(TrainerCallback, ExportableState):
             )
         assert self._model is not None
         self.autofreeze = AutoFreeze(self._model, optimizer, **self._kwargs)
-        saved = (trainer.state.stateful_callbacks or {}).get(type(self).__name__)
-        if isinstance(saved, list):
-            saved = saved[0] if saved else None
-        st = saved.get("attributes", {}).get("tfz_auto") if isinstance(saved, dict) else None
+        st = _saved_attribute(trainer, type(self).__name__, "tfz_auto")
         if st:
             self.autofreeze.load_state_dict(st)
 
@@ -433,6 +420,29 @@ class AutoFreezeCallback(TrainerCallback, ExportableState):
             from ..autofreeze import event_line
 
             print(event_line(self.autofreeze, frozen))
+
+
+def _on_optimizer_built(trainer: Any, build: Any) -> None:
+    """Call ``build(trainer, optimizer)`` right after ``trainer`` builds its optimizer
+    (patched on this instance only: the Trainer builds it in train(), after every
+    callback hook we get)."""
+    ref = weakref.ref(trainer)
+    create = trainer.create_optimizer  # another callback's patch, or the class's method
+
+    def create_optimizer(*a: Any, **kw: Any) -> Any:
+        optimizer = create(*a, **kw)
+        build(ref(), optimizer)
+        return optimizer
+
+    trainer.create_optimizer = create_optimizer
+
+
+def _saved_attribute(trainer: Any, callback: str, key: str) -> Any:
+    """``key`` of the attributes ``callback`` saved in the resumed ``trainer_state.json``."""
+    saved = (trainer.state.stateful_callbacks or {}).get(callback)
+    if isinstance(saved, list):
+        saved = saved[0] if saved else None
+    return saved.get("attributes", {}).get(key) if isinstance(saved, dict) else None
 
 
 _ROT_PATCHED = "_torchfreeze_rotating_callback"
@@ -505,15 +515,7 @@ class RotatingFreezeCallback(TrainerCallback, ExportableState):
                 "RotatingFreezeCallback could not find the Trainer that fired on_init_end. "
                 "Pass it as transformers.Trainer(..., callbacks=[cb])."
             )
-        ref = weakref.ref(trainer)
-        create = trainer.create_optimizer
-
-        def create_optimizer(*a: Any, **kw: Any) -> Any:
-            optimizer = create(*a, **kw)
-            self._build(ref(), optimizer)
-            return optimizer
-
-        trainer.create_optimizer = create_optimizer  # type: ignore[method-assign]
+        _on_optimizer_built(trainer, self._build)
         setattr(trainer, _ROT_PATCHED, weakref.ref(self))
 
     def _build(self, trainer: Any, optimizer: Any) -> None:
@@ -528,10 +530,7 @@ class RotatingFreezeCallback(TrainerCallback, ExportableState):
             )
         assert self._model is not None
         self.rotation = RotatingFreeze(self._model, optimizer, **self._options)
-        saved = (trainer.state.stateful_callbacks or {}).get(type(self).__name__)
-        if isinstance(saved, list):
-            saved = saved[0] if saved else None
-        st = saved.get("attributes", {}).get("tfz_rotation") if isinstance(saved, dict) else None
+        st = _saved_attribute(trainer, type(self).__name__, "tfz_rotation")
         if st:
             self.rotation.load_state_dict(st)
 
