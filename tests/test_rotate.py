@@ -386,3 +386,13 @@ def test_callbacks_refuse_unknown_options_and_the_hf_one_refuses_keep() -> None:
     with pytest.raises(TorchfreezeError, match="trainer_state.json"):
         HFRot(state="keep")
     assert PLRot(state="keep").rotation is None  # Lightning checkpoints hold tensors
+
+
+def test_empty_layers_and_always_are_refused_naming_the_problem() -> None:
+    model = tiny_llama()
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(TorchfreezeError, match="RotatingFreeze needs at least 1 layer group"):
+        tfz.RotatingFreeze(model, opt, layers=[])
+    with pytest.raises(tfz.SelectionError, match="always= \\[\\] is empty"):
+        tfz.RotatingFreeze(model, opt, always=[])
+    assert all(p.requires_grad for p in model.parameters()) and not opt.state

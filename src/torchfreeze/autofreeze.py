@@ -811,8 +811,10 @@ def resolve_groups(
         groups.append((name, names))
     if len(groups) < minimum:
         raise TorchfreezeError(
-            f"{who} needs at least two layer groups (something to freeze and a head that "
-            f"stays trainable); found {len(groups)} in {idx.describe()}. Pass layers= "
+            (f"{who} needs at least two layer groups (something to freeze and a head that "
+             "stays trainable)" if minimum == 2 else
+             f"{who} needs at least {minimum} layer group(s)")
+            + f"; found {len(groups)} in {idx.describe()}. Pass layers= "
             "explicitly, e.g. layers=['backbone', 'head']."
         )
     return groups
