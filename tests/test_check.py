@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import torchfreeze as tfz
-from torchfreeze.check import CODES, CheckError, Diagnosis, Finding
+from torchfreeze import CODES, CheckError, Diagnosis, Finding
 from torchfreeze.errors import TorchfreezeError
 
 from ._models import TinyResNet, conv_net, snapshot, tiny_bert

@@ -140,3 +140,63 @@ def test_import_torchfreeze_loads_no_optional_integration() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_no_submodule_shadows_a_public_name() -> None:
+    """``torchfreeze.<name>`` is the documented object for every public name: no module
+    of a package is called like a name the package exports (importing that module
+    would rebind the package attribute to the module), at any level."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import torchfreeze
+
+    for pkg_name in ("torchfreeze", "torchfreeze.cache", "torchfreeze.integrations"):
+        pkg = importlib.import_module(pkg_name)
+        submodules = {m.name for m in pkgutil.iter_modules(pkg.__path__)}
+        clash = submodules & set(pkg.__all__)
+        assert clash == set(), f"{pkg_name}: modules named like exported names: {clash}"
+    for name in torchfreeze.__all__:
+        obj = getattr(torchfreeze, name)
+        assert not inspect.ismodule(obj), f"torchfreeze.{name} is a module"
+        if inspect.isfunction(obj) or inspect.isclass(obj):
+            assert obj.__name__ == name, f"torchfreeze.{name} is {obj.__name__}: an alias"
+            owner = importlib.import_module(obj.__module__)
+            assert getattr(owner, name) is obj
+    # the six functions whose modules used to carry their names
+    for name in ("freeze", "select", "check", "verify", "summary", "layers"):
+        assert inspect.isfunction(getattr(torchfreeze, name)), name
+
+
+def test_init_docstring_tells_the_truth() -> None:
+    """What ``torchfreeze/__init__.py``'s docstring says about imports holds: the core
+    (torch, rich) comes with the package, the integrations, ``torchfreeze.distributed``
+    and the demos only when imported, and the package namespace is public API."""
+    import importlib.util
+    import inspect
+
+    import torchfreeze
+
+    doc = torchfreeze.__doc__ or ""
+    named = set(re.findall(r"``(torchfreeze(?:\.\w+)+)``", doc))
+    assert {"torchfreeze.integrations.lightning", "torchfreeze.integrations.transformers"} \
+        <= named
+    for module in named:
+        assert importlib.util.find_spec(module) is not None, f"the docstring names {module}"
+    lazy = sorted([*named, "torchfreeze.integrations", "torchfreeze.distributed",
+                   "torchfreeze.demo", "torchfreeze.demo_news", "torchfreeze.demo_llm",
+                   "lightning", "transformers"])
+    code = ("import sys, json, torchfreeze; "
+            f"print(json.dumps([sorted(m for m in {lazy!r} if m in sys.modules), "
+            "[m in sys.modules for m in ('torch', 'rich')]]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    loaded, core = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+    assert loaded == [] and core == [True, True], out.stdout
+    # first use imports the lazy submodules
+    assert inspect.ismodule(torchfreeze.distributed)
+    # the namespace: the names in __all__, submodules, and the import machinery
+    extra = {n for n, v in vars(torchfreeze).items()
+             if not n.startswith("_") and not inspect.ismodule(v)} - set(torchfreeze.__all__)
+    assert extra <= {"annotations", "Any"}, extra

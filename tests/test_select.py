@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import torchfreeze as tfz
+from torchfreeze._select import expand_braces
 from torchfreeze.errors import SelectionError
-from torchfreeze.select import expand_braces
 
 from ._models import TinyResNet, tiny_bert
 

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import torchfreeze as tfz
+from torchfreeze import VerifyReport
 from torchfreeze.errors import FrozenStateChanged, TorchfreezeError
-from torchfreeze.verify import VerifyReport
 
 from ._models import conv_net, tiny_bert
 

@@ -19,14 +19,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Several submodules share their public function's name (freeze, select, check,
-# verify, summary, layers). Importing a submodule binds the package attribute to
-# the *module*; the explicit imports below run after, and rebind the names to the
-# functions. Keep every submodule import here, before anything uses the package.
+from ._check import CODES, Diagnosis, Finding, check
+from ._freeze import freeze, freeze_state, freeze_to, frozen, load_freeze_state, unfreeze
+from ._layers import Layer, layers
+from ._select import Selection, Selector, select
+from ._summary import Summary, summary
+from ._verify import VerifyReport, verify
 from ._version import __version__
 from .autofreeze import AutoFreeze, FreezeStats
 from .cache import FeatureCache
-from .check import Diagnosis, Finding, check
 from .errors import (
     CacheError,
     CheckError,
@@ -42,18 +43,14 @@ from .errors import (
     UnsupportedTorchError,
     UnusedRuleWarning,
 )
-from .freeze import freeze, freeze_state, freeze_to, frozen, load_freeze_state, unfreeze
 from .groups import param_groups
-from .layers import Layer, layers
 from .load import CheckpointInfo, LoadReport, inspect_checkpoint, load_pretrained, read_state_dict
 from .norm import FrozenBatchNorm, convert_frozen_batchnorm, revert_frozen_batchnorm
 from .rotate import RotatingFreeze
 from .schedule import FineTune, GradualUnfreeze, fine_tune_schedule
-from .select import Selection, Selector, select
-from .summary import Summary, summary
-from .verify import VerifyReport, verify
 
 __all__ = [
+    "CODES",
     "AutoFreeze",
     "CacheError",
     "CheckError",

@@ -32,6 +32,7 @@ from ._version import __version__
 from .errors import UnsupportedTorchError
 
 __all__ = [
+    "LAST_LR_ATTR",
     "MIN_TORCH",
     "PRIVATE_APIS",
     "TESTED_TORCH",
@@ -48,17 +49,21 @@ __all__ = [
     "ddp_logging_data",
     "disabled_torch_function",
     "foreach_norm",
+    "last_lrs",
     "make_wrapper_subclass",
     "missing_private_apis",
     "module_hooks",
+    "nested_schedulers",
     "own_buffers",
     "own_parameters",
     "own_tensor_dicts",
     "pytree",
     "refresh_fsdp_grad_dtypes",
+    "remove_ddp_autograd_hooks",
     "supported_torch",
     "unsupported",
     "version_and_grad",
+    "wrapped_child",
 ]
 
 _T = TypeVar("_T", bound=torch.Tensor)
@@ -83,18 +88,26 @@ PRIVATE_APIS: dict[str, str] = {
         "InstanceNorm with running statistics is pinned like BatchNorm (norm.py)",
     "DistributedDataParallel._get_ddp_logging_data()":
         "parameter count/bytes the reducer was built for, built-in comm hook name "
-        "(check.py wrapped-before-freeze, distributed.py re-wrap refusals)",
+        "(_check.py wrapped-before-freeze, distributed.py re-wrap refusals)",
     "DistributedDataParallel._comm_hooks":
         "Python comm hooks to carry over to the re-built wrapper (distributed.py)",
     "DistributedDataParallel._delay_all_reduce_params / _delay_all_reduce_all_params":
         "delayed all-reduce cannot be re-built; its parameters are not in the reducer",
     "DistributedDataParallel._bucket_config.per_bucket_bytes_caps":
         "bucket_cap_mb_list to pass to the re-built wrapper (distributed.py)",
+    "DistributedDataParallel._remove_autograd_hooks() / _accum_grad_hooks":
+        "a replaced wrapper's reducer hooks come off the parameters it shares with the "
+        "re-built one (distributed.py)",
+    "OptimizedModule._orig_mod / FSDP1 _fsdp_wrapped_module / "
+    "CheckpointWrapper._checkpoint_wrapped_module":
+        "the child a torch wrapper holds the model under, looked through by every "
+        "selector (_select.py)",
     "FSDPModule._get_fsdp_state()._fsdp_param_group._init_mp_dtypes()":
         "FSDP2 reads gradient dtypes at lazy init only; unfreezing a unit under a "
         "MixedPrecisionPolicy after its first forward must recompute them (distributed.py)",
     "SequentialLR._schedulers / ChainedScheduler._schedulers":
-        "the child schedulers that must learn about a new param group (_optim.py)",
+        "the child schedulers that must learn about a new param group (_optim.py), and "
+        "whose optimizers tfz.check compares (_check.py)",
     "torch._foreach_norm":
         "one fused call for every gradient's norm, AutoFreeze's per-step statistics "
         "(autofreeze.py); falls back to one vector_norm per tensor",
@@ -105,9 +118,12 @@ PRIVATE_APIS: dict[str, str] = {
         "the placeholder tensor that stands in for a skipped prefix's output (cache/_hook.py)",
     "LRScheduler._last_lr":
         "per-group last learning rates, extended with a new group (_optim.py)",
+    "nn.Module._load_from_state_dict":
+        "overridden by FrozenBatchNorm to accept BN checkpoints without "
+        "num_batches_tracked (norm.py)",
     "nn.Module._parameters / _buffers / _non_persistent_buffers_set / _modules":
         "a module's own tensors and children by their registered names, including tied "
-        "duplicates and non-persistent buffers (select.py, groups.py, load.py, norm.py)",
+        "duplicates and non-persistent buffers (_select.py, groups.py, load.py, norm.py)",
     "nn.Module._forward_pre_hooks / _forward_hooks / ... (the hook dicts)":
         "hooks on a DDP wrapper itself, which a re-built wrapper would lose (distributed.py)",
 }
@@ -233,6 +249,21 @@ def child_modules(module: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in module._modules.items() if m is not None}
 
 
+def wrapped_child(module: nn.Module) -> str | None:
+    """The private child name under which a torch wrapper holds the wrapped model:
+    ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``), FSDP1's
+    ``FullyShardedDataParallel`` (``_fsdp_wrapped_module``) and activation
+    checkpointing's ``CheckpointWrapper`` (``_checkpoint_wrapped_module``, its only
+    child); None for any other module."""
+    kids = child_modules(module)
+    if "_orig_mod" in kids and type(module).__name__ == "OptimizedModule":
+        return "_orig_mod"
+    for attr in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module"):
+        if attr in kids and len(kids) == 1:
+            return attr
+    return None
+
+
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks",
                "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks")
 
@@ -289,6 +320,17 @@ def ddp_bucket_caps(ddp: nn.Module) -> tuple[int, ...]:
     return tuple(config.per_bucket_bytes_caps or ())
 
 
+def remove_ddp_autograd_hooks(ddp: nn.Module) -> None:
+    """Take ``ddp``'s reducer hooks off its parameters: the reducer's autograd hooks
+    and, under compiled autograd, its accumulate-grad hooks (a torch without either
+    has nothing of that kind to remove)."""
+    remove = getattr(ddp, "_remove_autograd_hooks", None)
+    if remove is not None:
+        remove()
+    for handle in getattr(ddp, "_accum_grad_hooks", []):
+        handle.remove()
+
+
 # ---------------------------------------------------------------------------
 # FSDP2 internals
 
@@ -331,6 +373,24 @@ def foreach_norm(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 # LR scheduler internals
 
 
+#: the attribute holding an LR scheduler's per-group last learning rates
+LAST_LR_ATTR = "_last_lr"
+
+
+def last_lrs(sched: Any) -> list[Any] | None:
+    """The live list of ``sched``'s last learning rates, one per param group (what
+    ``get_last_lr()`` copies), or None when it keeps none yet."""
+    value = getattr(sched, LAST_LR_ATTR, None)
+    return value if isinstance(value, list) else None
+
+
+def nested_schedulers(sched: Any) -> list[Any]:
+    """The schedulers inside ``sched`` (a ``SequentialLR``, a ``ChainedScheduler``, or
+    anything else keeping them the same way); empty for a plain scheduler."""
+    children = getattr(sched, "_schedulers", None)
+    return list(children) if isinstance(children, (list, tuple)) else []
+
+
 def child_schedulers(sched: Any) -> list[Any]:
     """The schedulers inside a ``SequentialLR`` or ``ChainedScheduler``."""
     children = getattr(sched, "_schedulers", None)
@@ -360,6 +420,10 @@ def missing_private_apis() -> list[str]:
         missing.append("torch._foreach_norm")
     if not hasattr(DistributedDataParallel, "_get_ddp_logging_data"):
         missing.append("DistributedDataParallel._get_ddp_logging_data()")
+    if not hasattr(DistributedDataParallel, "_remove_autograd_hooks"):
+        missing.append("DistributedDataParallel._remove_autograd_hooks()")
+    if not hasattr(nn.Module, "_load_from_state_dict"):
+        missing.append("nn.Module._load_from_state_dict")
     if not hasattr(FSDPModule, "_get_fsdp_state"):
         missing.append("FSDPModule._get_fsdp_state()")
     try:

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch.optim import lr_scheduler as lrs
 
-from ._compat import child_schedulers
+from ._compat import LAST_LR_ATTR, child_schedulers, last_lrs
+from ._select import selector_label
 from .errors import SchedulerError, TorchfreezeError
-from .select import selector_label
 
 __all__ = ["NO_DECAY_SUFFIX", "added_group_name", "prepare_new_group", "scheduler_checks"]
 
@@ -141,8 +141,9 @@ def _plan_scheduler(
         )
     ops: list[Callable[[], None]] = []
 
-    def extend(attr: str, value_of: Callable[[list[Any]], Any]) -> None:
-        seq = getattr(sched, attr, None)
+    def extend(attr: str, value_of: Callable[[list[Any]], Any], seq: Any = None) -> None:
+        if seq is None:
+            seq = getattr(sched, attr, None)
         if not isinstance(seq, list) or len(seq) != n:
             raise SchedulerError(
                 f"{path} ({kind}).{attr} has "
@@ -157,8 +158,8 @@ def _plan_scheduler(
     if isinstance(sched, (lrs.SequentialLR, lrs.ChainedScheduler)):
         for i, child in enumerate(child_schedulers(sched)):
             ops += _plan_scheduler(child, optimizer, scale, new_lr, f"{path}._schedulers[{i}]")
-        if isinstance(getattr(sched, "_last_lr", None), list):
-            extend("_last_lr", lambda s: new_lr)
+        if (last := last_lrs(sched)) is not None:
+            extend(LAST_LR_ATTR, lambda s: new_lr, last)
         return ops
     known = isinstance(
         sched, (*_BASE_LRS_ONLY, lrs.LambdaLR, lrs.MultiplicativeLR, lrs.CyclicLR,
@@ -183,11 +184,11 @@ def _plan_scheduler(
         if getattr(sched, "cycle_momentum", False):
             extend("base_momentums", lambda s: s[0])
             extend("max_momentums", lambda s: s[0])
-    if isinstance(getattr(sched, "_last_lr", None), list):
-        extend("_last_lr", lambda s: new_lr)
+    if (last := last_lrs(sched)) is not None:
+        extend(LAST_LR_ATTR, lambda s: new_lr, last)
     if type(sched).__module__ != lrs.__name__:
         # a user subclass of a known scheduler: refuse per-group lists we do not know
-        handled = {"base_lrs", "_last_lr", "min_lrs", "lr_lambdas", "max_lrs",
+        handled = {"base_lrs", LAST_LR_ATTR, "min_lrs", "lr_lambdas", "max_lrs",
                    "base_momentums", "max_momentums"}
         extra = [
             k for k, v in vars(sched).items()

@@ -4,13 +4,26 @@
 instance attribute ``module.__dict__["train"]`` is consulted by every
 ``model.train()``. Used by BatchNorm policies (``bn="eval"``), ``FeatureCache(...,
 pin_eval=True)`` and AutoFreeze's frozen prefix; only this module touches it.
+
+The pin and the BN policy name (:data:`POLICY_ATTR`) are the instance attributes
+torchfreeze sets on a module; :func:`own_state` / :func:`set_own_state` read and put
+back both, for the freeze-state snapshot (``_snapshot.py``).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
-__all__ = ["PinnedEval", "is_pinned", "pin", "pinned_by_anyone", "unpin"]
+__all__ = ["POLICY_ATTR", "PinnedEval", "is_pinned", "own_state", "pin", "pinned_by_anyone",
+           "set_own_state", "unpin"]
+
+#: instance attribute holding a module's BN policy (``norm.set_bn_policy``); an
+#: instance attribute, so it survives deepcopy and pickling
+POLICY_ATTR = "_torchfreeze_bn"
+_OWN_ATTRS = (POLICY_ATTR, "train")
+_UNSET = object()
 
 
 class PinnedEval:
@@ -67,3 +80,21 @@ def unpin(module: nn.Module, *, training: bool) -> None:
     if is_pinned(module):
         del module.__dict__["train"]
     type(module).train(module, training)
+
+
+def own_state(module: nn.Module) -> tuple[Any, ...]:
+    """``module``'s BN policy and own ``train`` (ours or anyone's) as they are now,
+    each or a marker for "not set", for :func:`set_own_state`."""
+    d = module.__dict__
+    return tuple(d.get(key, _UNSET) for key in _OWN_ATTRS)
+
+
+def set_own_state(module: nn.Module, state: tuple[Any, ...]) -> None:
+    """Put back what :func:`own_state` returned: each attribute set, or removed when
+    it was not set. The train/eval mode is not changed."""
+    d = module.__dict__
+    for key, value in zip(_OWN_ATTRS, state, strict=True):
+        if value is _UNSET:
+            d.pop(key, None)
+        else:
+            d[key] = value

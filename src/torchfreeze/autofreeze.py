@@ -68,13 +68,13 @@ import torch
 from torch import nn
 
 from ._compat import foreach_norm
+from ._freeze import freeze
 from ._pinning import pin
 from ._report import Report
+from ._select import ModelIndex, resolve
 from ._state import check_format, register
 from ._wrappers import is_ddp, unwrap_optimizer
 from .errors import FreezeStateError, TorchfreezeError
-from .freeze import freeze
-from .select import ModelIndex, resolve
 
 if TYPE_CHECKING:  # imported on first use: AutoFreeze without cache=True never needs it
     from .cache import FeatureCache
@@ -456,7 +456,7 @@ class AutoFreeze:
                 if g is None:
                     continue
                 if g.is_sparse:
-                    g = g.coalesce()._values()
+                    g = g.coalesce().values()
                 grads.append(g)
                 seg.append(gi)
         if not grads:
@@ -564,7 +564,7 @@ class AutoFreeze:
             for gi in new:
                 self._pinned += _pin_eval(self.module, self._groups[gi][1])
         self.freed_bytes += _drop_from_optimizer(self._opt, params)
-        from .verify import _frozen_now
+        from ._verify import _frozen_now
 
         _frozen_now(params)
         if record_events:
@@ -776,11 +776,10 @@ def resolve_groups(
 ) -> list[tuple[str, list[str]]]:
     """``layers=`` of AutoFreeze / RotatingFreeze as ``[(group name, param names)]``:
     ``tfz.layers(module)`` by default, each parameter in exactly one group."""
-    from .layers import Layer
-    from .layers import layers as find_layers
+    from . import _layers  # the parameter layers= shadows the function
 
     if layers is None:
-        found: Sequence[Any] = find_layers(module)
+        found: Sequence[Any] = _layers.layers(module)
     elif isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
         raise TorchfreezeError(
             f"layers= must be a list of groups in depth order (tfz.layers(model), or one "
@@ -791,7 +790,7 @@ def resolve_groups(
     groups: list[tuple[str, list[str]]] = []
     seen: dict[int, str] = {}
     for i, item in enumerate(found):
-        if isinstance(item, Layer):
+        if isinstance(item, _layers.Layer):
             name, sel = item.name, list(item.param_names)
         else:
             name = item if isinstance(item, str) else f"group{i}"

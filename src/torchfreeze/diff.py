@@ -26,8 +26,8 @@ from rich.text import Text
 
 from ._bits import bit_equal
 from ._report import Report, fmt_count, short_path
+from ._select import closest_names, name_tests
 from .errors import SelectionError
-from .select import closest_names, name_tests
 
 __all__ = [
     "CheckpointDiff",

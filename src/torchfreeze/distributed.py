@@ -71,20 +71,20 @@ from ._compat import (
     ddp_logging_data,
     module_hooks,
     refresh_fsdp_grad_dtypes,
+    remove_ddp_autograd_hooks,
 )
-from .errors import DistributedFreezeError, TorchfreezeError
-from .freeze import (
-    _capture,
+from ._freeze import (
     _check_bn,
     _group_name,
-    _restore,
     _touched_bn,
     freeze_state,
 )
-from .freeze import freeze as _freeze_module
-from .freeze import unfreeze as _unfreeze_module
+from ._freeze import freeze as _freeze_module
+from ._freeze import unfreeze as _unfreeze_module
+from ._select import ModelIndex, Selector, resolve
+from ._snapshot import Snapshot, capture, restore
+from .errors import DistributedFreezeError, TorchfreezeError
 from .norm import BNPolicy
-from .select import ModelIndex, Selector, resolve
 
 __all__ = ["construction_kwargs", "freeze", "swap", "unfreeze"]
 
@@ -315,7 +315,7 @@ def _short(plan: Any) -> str:
 
 
 def _rewrap(
-    ddp: DistributedDataParallel, kwargs: dict[str, Any], snapshot: Any
+    ddp: DistributedDataParallel, kwargs: dict[str, Any], snapshot: Snapshot
 ) -> DistributedDataParallel:
     module = ddp.module
     comm_hooks = ddp_comm_hooks(ddp)
@@ -333,7 +333,7 @@ def _rewrap(
             warnings.filterwarnings("ignore", message=".*find_unused_parameters=true.*")
             new = DistributedDataParallel(module, **ctor_kwargs)
     except BaseException:
-        _restore(snapshot)
+        restore(snapshot)
         raise
     for hook, state in comm_hooks:
         new.register_comm_hook(state, hook)
@@ -346,11 +346,7 @@ def _rewrap(
 def _retire(old: DistributedDataParallel) -> None:
     """The old wrapper's reducer would otherwise keep autograd hooks on the shared
     parameters, and a forward through it would arm a reducer nobody finishes."""
-    remove = getattr(old, "_remove_autograd_hooks", None)
-    if remove is not None:
-        remove()
-    for handle in getattr(old, "_accum_grad_hooks", []):  # the compiled-DDP reducer's hooks
-        handle.remove()
+    remove_ddp_autograd_hooks(old)
     object.__setattr__(old, _REPLACED_ATTR, True)
 
     def _refuse(*_: Any, **__: Any) -> None:
@@ -503,7 +499,7 @@ def unfreeze(
     if not plan[0]:  # an explicit empty selection: nothing to do, no re-wrap
         return model
 
-    snapshot = _capture(module)
+    snapshot = capture(module)
     _unfreeze_module(module, *selectors, exclude=exclude)
     if isinstance(model, DistributedDataParallel):  # _prepare: kind == "ddp"
         model = _rewrap(model, kwargs, snapshot)
@@ -598,7 +594,7 @@ def freeze(
     if not plan[0]:  # an explicit empty selection: nothing to do, no re-wrap
         return model
 
-    snapshot = _capture(module)
+    snapshot = capture(module)
     _freeze_module(module, *selectors, bn=bn, exclude=exclude)
     if isinstance(model, DistributedDataParallel):  # _prepare: kind == "ddp"
         return _rewrap(model, kwargs, snapshot)
@@ -652,7 +648,7 @@ def swap(
     except Exception as exc:  # any local failure must reach the other ranks, or they hang
         error = exc
     _agree(group, "swap", error, plan)
-    snapshot = _capture(module)
+    snapshot = capture(module)
     keep = [p for p in out.params if id(p) not in incoming]
     if keep:
         _freeze_module(module, keep, bn=bn)

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ._compat import NormBase, own_parameters
+from ._select import ModelIndex, require_module, resolve, selector_label
 from .errors import TiedWeightWarning, TorchfreezeError, UnusedRuleWarning
-from .select import ModelIndex, require_module, resolve, selector_label
 
 __all__ = ["UnusedRuleWarning", "is_norm_layer", "param_groups", "word_match"]
 
@@ -397,10 +397,10 @@ def param_groups(
         raise TorchfreezeError("layers= only sets the depth levels for layer_decay; pass both.")
     if layer_decay is not None:
         if layers is None:
-            from .layers import layers as find_layers
+            from . import _layers  # the parameter layers= shadows the function
 
             levels = [(layer.name, list(layer.param_names))
-                      for layer in find_layers(model, example_inputs=example_inputs)]
+                      for layer in _layers.layers(model, example_inputs=example_inputs)]
         else:
             levels = []
             for level in layers:

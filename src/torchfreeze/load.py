@@ -36,8 +36,8 @@ from ._checkpoint import (
 )
 from ._compat import own_buffers, own_parameters
 from ._load_report import LoadReport, shape_text
+from ._select import ModelIndex, Selector, require_module, resolve
 from .errors import LoadError
-from .select import ModelIndex, Selector, require_module, resolve
 
 __all__ = [
     "CheckpointInfo",

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from ._compat import BatchNormBase, InstanceNormBase, NormBase, child_modules
-from ._pinning import PinnedEval, pin, unpin
+from ._pinning import POLICY_ATTR, PinnedEval, pin, unpin
+from ._select import Selector, require_module, resolve
 from .errors import SelectionError, TorchfreezeError
-from .select import Selector, require_module, resolve
 
 __all__ = [
     "BN_POLICIES",
@@ -43,9 +43,6 @@ __all__ = [
 BNPolicy = Literal["eval", "train", "stats"]
 BN_POLICIES: tuple[str, ...] = ("eval", "train", "stats")
 
-# instance attribute holding the policy; survives deepcopy and pickling
-_POLICY_ATTR = "_torchfreeze_bn"
-
 
 def is_batchnorm(module: nn.Module) -> bool:
     """True for layers with running statistics: BatchNorm1d/2d/3d, SyncBatchNorm,
@@ -57,7 +54,7 @@ def is_batchnorm(module: nn.Module) -> bool:
 
 def bn_policy(module: nn.Module) -> str | None:
     """The torchfreeze BN policy set on ``module`` (``None`` when there is none)."""
-    return module.__dict__.get(_POLICY_ATTR)
+    return module.__dict__.get(POLICY_ATTR)
 
 
 _PinnedEval = PinnedEval  # the pin BN policies set (kept for old pickles)
@@ -76,9 +73,9 @@ def set_bn_policy(module: nn.Module, policy: str | None, *, training: bool) -> N
     d = module.__dict__
     unpin(module, training=training)
     if policy is None:
-        d.pop(_POLICY_ATTR, None)
+        d.pop(POLICY_ATTR, None)
     else:
-        d[_POLICY_ATTR] = policy
+        d[POLICY_ATTR] = policy
     if policy == "eval":
         pin(module)
 

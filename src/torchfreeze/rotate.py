@@ -42,11 +42,11 @@ import torch
 from torch import nn
 
 from . import _managed
+from ._freeze import freeze, unfreeze
+from ._select import ModelIndex, Selector, require_module, resolve
 from ._state import check_format, register
 from ._wrappers import is_ddp, unwrap_optimizer
 from .errors import FreezeStateError, TiedWeightWarning, TorchfreezeError
-from .freeze import freeze, unfreeze
-from .select import ModelIndex, Selector, require_module, resolve
 
 __all__ = ["RotatingFreeze", "optimizer_state_bytes"]
 
@@ -294,7 +294,7 @@ class RotatingFreeze:
 
     def _activate(self, window: list[int], *, first: bool = False,
                   restore_stash: bool = True) -> list[str]:
-        from .verify import _frozen_now, _unfrozen_now
+        from ._verify import _frozen_now, _unfrozen_now
 
         old = set(range(len(self.groups))) if first else set(self._current)
         outgoing = [i for i in sorted(old) if i not in window]

@@ -26,22 +26,21 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ._optim import added_group_name, prepare_new_group
-from ._state import check_format, register
-from ._wrappers import is_ddp
-from .errors import FreezeStateError, SelectionError, TorchfreezeError
-from .freeze import (
-    _capture,
+from ._freeze import (
     _refuse_wrapped,
-    _restore,
     freeze,
     freeze_state,
     load_freeze_state,
     unfreeze,
     warn_tied,
 )
+from ._optim import added_group_name, prepare_new_group
+from ._select import ModelIndex, Selector, require_module, resolve
+from ._snapshot import capture, restore
+from ._state import check_format, register
+from ._wrappers import is_ddp
+from .errors import FreezeStateError, SelectionError, TorchfreezeError
 from .norm import BN_POLICIES, BNPolicy, set_bn_policy
-from .select import ModelIndex, Selector, require_module, resolve
 
 __all__ = ["FineTune", "GradualUnfreeze", "fine_tune_schedule"]
 
@@ -431,8 +430,8 @@ def fine_tune_schedule(
         >>> [g["lr"] for g in opt.param_groups]
         [0.001, 0.0001]
     """
+    from ._layers import layers
     from .groups import param_groups
-    from .layers import layers as find_layers
 
     require_module(model, "fine_tune_schedule")
     _refuse_wrapped(model, "freeze")
@@ -445,7 +444,7 @@ def fine_tune_schedule(
         raise TorchfreezeError(f"lr={lr!r} must be a number >= 0.")
     idx = ModelIndex(model)
     if head is None:
-        found = find_layers(model)
+        found = layers(model)
         if len(found) < 2:
             raise TorchfreezeError(
                 f"cannot tell the head of {idx.describe()} from its body (it has "
@@ -465,7 +464,7 @@ def fine_tune_schedule(
             "head= selects every parameter, so there is no body to unfreeze later. Select "
             "only the new head (e.g. head='classifier')."
         )
-    snapshot = _capture(model)
+    snapshot = capture(model)
     try:
         unfreeze(model, list(head_sel.params))
         freeze(model, [idx.params[n] for n in body], bn=bn)
@@ -479,6 +478,6 @@ def fine_tune_schedule(
         gu = GradualUnfreeze(model, opt, {head_epochs: body}, lr=lr, scheduler=sched, bn=bn,
                          no_decay=no_decay)
     except BaseException:
-        _restore(snapshot)  # a failed call leaves the model as it was
+        restore(snapshot)  # a failed call leaves the model as it was
         raise
     return FineTune(opt, sched, gu)

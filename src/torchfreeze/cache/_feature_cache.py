@@ -283,7 +283,7 @@ def _resolve_upto(model: nn.Module, upto: Any) -> tuple[nn.Module, str]:
             return model.get_submodule(upto), upto
         except AttributeError:
             pass
-    from ..select import resolve  # a real SelectionError with the closest names
+    from .._select import resolve  # a real SelectionError with the closest names
 
     sel = resolve(model, [upto], default_all=False)
     chosen = set(sel.module_names)

@@ -14,11 +14,11 @@ from typing import Any
 
 from torch import nn
 
+from .._freeze import _check_bn
+from .._select import Selector, resolve
 from .._state import check_format, register
 from ..errors import FreezeStateError, SelectionError, TorchfreezeError
-from ..freeze import _check_bn
 from ..norm import BNPolicy
-from ..select import Selector, resolve
 
 __all__: list[str] = []
 
@@ -78,7 +78,7 @@ class _Plan:
         """Resolve every selector now, so a typo fails before training, not epochs later.
 
         ``freeze=[]`` freezes nothing; a milestone that selects nothing is an error
-        (the rule of :mod:`torchfreeze.select`).
+        (the rule of :func:`torchfreeze.select`).
         """
         if self.freeze is not None:
             resolve(model, [self.freeze], trainable=True)

@@ -33,14 +33,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
+from .._freeze import freeze as _freeze
+from .._freeze import freeze_state, load_freeze_state
+from .._select import Selector
 from .._state import check_format, register
+from .._summary import summary
 from ..errors import FreezeStateError, TorchfreezeError
-from ..freeze import freeze as _freeze
-from ..freeze import freeze_state, load_freeze_state
 from ..norm import BNPolicy
 from ..schedule import GradualUnfreeze
-from ..select import Selector
-from ..summary import summary
 from . import LIGHTNING_FORMAT, STATE_VERSION, _Plan
 from . import STATE_FORMAT as _SHARED_FORMAT
 

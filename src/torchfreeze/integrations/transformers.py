@@ -43,13 +43,13 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from .._freeze import freeze as _freeze
+from .._freeze import freeze_state, load_freeze_state, unfreeze
 from .._optim import added_group_name, prepare_new_group
+from .._select import Selector, select
+from .._summary import summary
 from ..errors import TorchfreezeError
-from ..freeze import freeze as _freeze
-from ..freeze import freeze_state, load_freeze_state, unfreeze
 from ..norm import BNPolicy
-from ..select import Selector, select
-from ..summary import summary
 from . import _Plan, _state
 
 __all__ = ["AutoFreezeCallback", "FreezeCallback", "RotatingFreezeCallback"]

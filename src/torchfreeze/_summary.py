@@ -14,9 +14,9 @@ from torch import nn
 
 from ._managed import managed
 from ._report import Report, fmt_count
+from ._select import ModelIndex, require_module
 from .errors import TorchfreezeError
 from .norm import bn_policy, is_batchnorm
-from .select import ModelIndex, require_module
 
 __all__ = ["Summary", "SummaryRow", "summary"]
 
@@ -135,7 +135,7 @@ def summary(
     idx = ModelIndex(model)
     kept = managed()
     if depth is None:
-        from .layers import layers
+        from ._layers import layers
 
         buckets: list[tuple[str, str, list[str]]] = [
             (g.name + "".join(f" (tied: {a} = {b})" for a, b in g.tied), g.kind,

@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._select import ModelIndex, Selection, Selector, require_module, resolve
+from ._snapshot import capture, restore
 from ._state import check_format, register
 from .errors import DistributedFreezeError, FreezeStateError, TiedWeightWarning, TorchfreezeError
-from .norm import _POLICY_ATTR, BN_POLICIES, BNPolicy, bn_policy, is_batchnorm, set_bn_policy
-from .select import ModelIndex, Selection, Selector, require_module, resolve
+from .norm import BN_POLICIES, BNPolicy, bn_policy, is_batchnorm, set_bn_policy
 
 __all__ = [
     "freeze",
@@ -230,36 +231,6 @@ def _group_name(selectors: tuple[Any, ...]) -> str:
     return added_group_name(selectors=selectors)
 
 
-# ---------------------------------------------------------------------------
-# exact snapshots (for frozen() and resume)
-
-
-def _capture(model: nn.Module) -> list[tuple[Any, ...]]:
-    params = [(p, p.requires_grad) for p in model.parameters()]
-    modules = [
-        (m, m.training, m.__dict__.get(_POLICY_ATTR, _MISSING), m.__dict__.get("train", _MISSING))
-        for m in model.modules()
-    ]
-    return [("params", params), ("modules", modules)]
-
-
-_MISSING = object()
-
-
-def _restore(snapshot: list[tuple[Any, ...]]) -> None:
-    (_, params), (_, modules) = snapshot
-    for p, rg in params:
-        p.requires_grad_(rg)
-    for m, training, policy, train_attr in modules:
-        d = m.__dict__
-        for key, value in ((_POLICY_ATTR, policy), ("train", train_attr)):
-            if value is _MISSING:
-                d.pop(key, None)
-            else:
-                d[key] = value
-        m.training = training
-
-
 @contextlib.contextmanager
 def frozen(
     model: nn.Module,
@@ -291,12 +262,12 @@ def frozen(
     require_module(model, "frozen")
     _check_bn(bn)
     _refuse_wrapped(model, "freeze")
-    snapshot = _capture(model)
+    snapshot = capture(model)
     sel = freeze(model, *selectors, bn=bn, exclude=exclude)
     try:
         yield sel
     finally:
-        _restore(snapshot)
+        restore(snapshot)
 
 
 def freeze_to(
@@ -323,12 +294,12 @@ def freeze_to(
         >>> tfz.freeze_to(net, -1).param_names
         ('0.weight', '0.bias', '1.weight', '1.bias')
     """
-    from .layers import layers as find_layers
+    from ._layers import layers
 
     require_module(model, "freeze_to")
     _check_bn(bn)
     _refuse_wrapped(model, "freeze")
-    groups = find_layers(model, example_inputs=example_inputs)
+    groups = layers(model, example_inputs=example_inputs)
     if abs(n) > len(groups):
         raise TorchfreezeError(
             f"freeze_to(model, {n}): the model has only {len(groups)} layer groups "

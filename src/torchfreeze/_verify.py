@@ -38,9 +38,9 @@ from torch import nn
 
 from ._bits import bits
 from ._report import Report, fmt_count
+from ._select import ModelIndex
 from .errors import FrozenStateChanged, ModelTypeError
 from .norm import FrozenBatchNorm, bn_policy, is_batchnorm
-from .select import ModelIndex
 
 __all__ = ["VerifyReport", "verify"]
 

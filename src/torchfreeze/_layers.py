@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from ._report import Report, fmt_count
-from .select import ModelIndex, require_module
+from ._select import ModelIndex, require_module
+from ._snapshot import capture, restore
 
 __all__ = ["Layer", "layers"]
 
@@ -135,7 +136,7 @@ def _execution_order(model: nn.Module, example_inputs: Any) -> dict[int, int]:
 
     for m in model.modules():
         handles.append(m.register_forward_pre_hook(hook))
-    modes = [(m, m.training) for m in model.modules()]
+    before = capture(model)
     try:
         model.eval()
         with torch.no_grad():
@@ -148,8 +149,7 @@ def _execution_order(model: nn.Module, example_inputs: Any) -> dict[int, int]:
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes:
-            m.training = training
+        restore(before)
     return order
 
 

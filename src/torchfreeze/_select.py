@@ -1,59 +1,6 @@
-"""One selector grammar for every torchfreeze function.
-
-A *selector* picks parameters (and the modules and buffers around them):
-
-* ``str``: a module, parameter or buffer name. A module name selects
-  everything under it. Globs (``*``, ``?``, ``[..]``; ``*`` also crosses dots),
-  brace ranges and lists (``encoder.layer.{0..3}``, ``*.{q,k,v}_proj``), and
-  ``"re:<regex>"`` (matched against the *whole* dotted name, like a glob).
-* an ``nn.Module`` subclass, e.g. ``nn.BatchNorm2d``: every module of that type.
-* an ``nn.Module`` or ``torch.Tensor`` object that belongs to the model.
-* a callable ``(name, param) -> bool`` over the model's parameters.
-* a list/tuple/set of any of the above (nested freely): their union.
-
-Every selector (and every alternative of a brace expansion) must match
-something; otherwise :class:`~torchfreeze.errors.SelectionError` names the
-closest real names. Shared/tied parameters are handled once, by identity, under
-the first name PyTorch gives them.
-
-**Empty selections.** Only a call with *no selector argument at all* means the
-whole model (``tfz.freeze(model)``). An explicit empty collection (``[]``,
-``()``, ``set()``, ``[[]]``; e.g. a config's ``freeze_layers: []``) selects
-nothing. What "nothing" does depends on what the selection is for:
-
-* an *action* on the selection (:func:`~torchfreeze.freeze`,
-  :func:`~torchfreeze.unfreeze`, :func:`~torchfreeze.frozen`, the callbacks'
-  ``freeze=``, an ``exclude=`` anywhere, ``torchfreeze.distributed``) does
-  nothing and returns an empty :class:`Selection`;
-* a selection that *defines* something (a ``param_groups`` rule or ``layers=``
-  level, a ``GradualUnfreeze``/callback milestone, ``fine_tune_schedule``'s
-  ``head=``, ``convert_frozen_batchnorm``) raises
-  :class:`~torchfreeze.errors.SelectionError`, exactly like a selector that
-  matches nothing.
-
-``tfz.freeze(model, *names)`` with an empty ``names`` is the call without
-selectors (Python cannot tell them apart): pass the list itself,
-``tfz.freeze(model, names)``.
-
-**Wrappers.** ``torch.compile`` (``_orig_mod``), ``nn.DataParallel`` and
-``DistributedDataParallel`` (``module``), FSDP1 (``_fsdp_wrapped_module``) and
-activation-checkpoint wrappers (``_checkpoint_wrapped_module``) are looked
-through, at the root or around any submodule: names are the wrapped model's own
-(``encoder.layer.0``), and the wrapper's spelling (``_orig_mod.encoder.layer.0``)
-is accepted as an alias, so names are valid for both.
-
-**Buffers** are not trainable: naming one alone (``"bn.running_mean"``) in a
-function that changes ``requires_grad`` is a :class:`SelectionError` that names
-the BatchNorm policies (``bn="eval"``/``"stats"``) instead.
-
-Example:
-    >>> import torch.nn as nn, torchfreeze as tfz
-    >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Linear(2, 1))
-    >>> sel = tfz.select(net, "0", nn.BatchNorm1d)
-    >>> sel.param_names
-    ('0.weight', '0.bias', '1.weight', '1.bias')
-    >>> len(sel), sel.num_params
-    (4, 10)
+"""One selector grammar for every torchfreeze function: :func:`select` (its
+docstring is the grammar's reference), and the :class:`ModelIndex` of names,
+aliases and identities that every function resolves selectors against.
 """
 
 from __future__ import annotations
@@ -68,7 +15,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from ._compat import child_modules, own_buffers, own_parameters
+from ._compat import child_modules, own_buffers, own_parameters, wrapped_child
 from ._report import fmt_count
 from .errors import ModelTypeError, SelectionError
 
@@ -165,16 +112,13 @@ def wrapped_attr(module: nn.Module) -> str | None:
     checkpointing's ``CheckpointWrapper`` (``_checkpoint_wrapped_module``).
     FSDP2 (``fully_shard``) changes the class in place and keeps the names.
     """
-    kids = child_modules(module)
-    if "_orig_mod" in kids and type(module).__name__ == "OptimizedModule":
-        return "_orig_mod"
-    if "module" in kids and isinstance(
+    private = wrapped_child(module)
+    if private is not None:
+        return private
+    if "module" in child_modules(module) and isinstance(
         module, (nn.DataParallel, nn.parallel.DistributedDataParallel)
     ):
         return "module"
-    for attr in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module"):
-        if attr in kids and len(kids) == 1:
-            return attr
     return None
 
 
@@ -713,6 +657,52 @@ def _show(given: list[Any]) -> str:
 def select(model: nn.Module, *selectors: Selector, exclude: Selector | None = None) -> Selection:
     """Resolve selectors against ``model`` without changing it.
 
+    A *selector* picks parameters (and the modules and buffers around them):
+
+    * ``str``: a module, parameter or buffer name. A module name selects
+      everything under it. Globs (``*``, ``?``, ``[..]``; ``*`` also crosses dots),
+      brace ranges and lists (``encoder.layer.{0..3}``, ``*.{q,k,v}_proj``), and
+      ``"re:<regex>"`` (matched against the *whole* dotted name, like a glob).
+    * an ``nn.Module`` subclass, e.g. ``nn.BatchNorm2d``: every module of that type.
+    * an ``nn.Module`` or ``torch.Tensor`` object that belongs to the model.
+    * a callable ``(name, param) -> bool`` over the model's parameters.
+    * a list/tuple/set of any of the above (nested freely): their union.
+
+    Every selector (and every alternative of a brace expansion) must match
+    something; otherwise :class:`~torchfreeze.errors.SelectionError` names the
+    closest real names. Shared/tied parameters are handled once, by identity, under
+    the first name PyTorch gives them.
+
+    **Empty selections.** Only a call with *no selector argument at all* means the
+    whole model (``tfz.freeze(model)``). An explicit empty collection (``[]``,
+    ``()``, ``set()``, ``[[]]``; e.g. a config's ``freeze_layers: []``) selects
+    nothing. What "nothing" does depends on what the selection is for:
+
+    * an *action* on the selection (:func:`~torchfreeze.freeze`,
+      :func:`~torchfreeze.unfreeze`, :func:`~torchfreeze.frozen`, the callbacks'
+      ``freeze=``, an ``exclude=`` anywhere, ``torchfreeze.distributed``) does
+      nothing and returns an empty :class:`Selection`;
+    * a selection that *defines* something (a ``param_groups`` rule or ``layers=``
+      level, a ``GradualUnfreeze``/callback milestone, ``fine_tune_schedule``'s
+      ``head=``, ``convert_frozen_batchnorm``) raises
+      :class:`~torchfreeze.errors.SelectionError`, exactly like a selector that
+      matches nothing.
+
+    ``tfz.freeze(model, *names)`` with an empty ``names`` is the call without
+    selectors (Python cannot tell them apart): pass the list itself,
+    ``tfz.freeze(model, names)``.
+
+    **Wrappers.** ``torch.compile`` (``_orig_mod``), ``nn.DataParallel`` and
+    ``DistributedDataParallel`` (``module``), FSDP1 (``_fsdp_wrapped_module``) and
+    activation-checkpoint wrappers (``_checkpoint_wrapped_module``) are looked
+    through, at the root or around any submodule: names are the wrapped model's own
+    (``encoder.layer.0``), and the wrapper's spelling (``_orig_mod.encoder.layer.0``)
+    is accepted as an alias, so names are valid for both.
+
+    **Buffers** are not trainable: naming one alone (``"bn.running_mean"``) in a
+    function that changes ``requires_grad`` is a :class:`SelectionError` that names
+    the BatchNorm policies (``bn="eval"``/``"stats"``) instead.
+
     Args:
         model: the model to search.
         *selectors: names, globs, brace patterns, ``"re:"`` regexes, module types,
@@ -735,6 +725,9 @@ def select(model: nn.Module, *selectors: Selector, exclude: Selector | None = No
         ('0.weight',)
         >>> len(tfz.select(net, []))   # an explicit empty list selects nothing
         0
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Linear(2, 1))
+        >>> tfz.select(net, "0", nn.BatchNorm1d).param_names   # a name and a type
+        ('0.weight', '0.bias', '1.weight', '1.bias')
     """
     require_module(model, "select")
     return resolve(model, selectors, exclude=exclude)

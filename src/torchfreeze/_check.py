@@ -55,13 +55,13 @@ from rich.table import Table
 from rich.text import Text
 from torch import nn
 
-from ._compat import ddp_delays_all_reduce, ddp_logging_data
+from ._compat import ddp_delays_all_reduce, ddp_logging_data, nested_schedulers
 from ._report import Report
+from ._select import ModelIndex
 from ._wrappers import unwrap_optimizer
 from .cache._guards import DROPOUT
 from .errors import CheckError, ModelTypeError, TorchfreezeError
 from .norm import FrozenBatchNorm, bn_policy, is_batchnorm
-from .select import ModelIndex
 
 __all__ = ["CODES", "CheckError", "Diagnosis", "Finding", "check"]
 
@@ -760,9 +760,9 @@ def _check_ddp(idx: ModelIndex) -> list[Finding]:
 def _check_scheduler(scheduler: Any, optimizers: list[Any]) -> list[Finding]:
     if isinstance(scheduler, (list, tuple)):
         return [f for s in scheduler for f in _check_scheduler(s, optimizers)]
-    children = getattr(scheduler, "_schedulers", None)  # SequentialLR, ChainedScheduler
-    if isinstance(children, (list, tuple)) and children:
-        return _check_scheduler(list(children), optimizers)
+    children = nested_schedulers(scheduler)  # SequentialLR, ChainedScheduler
+    if children:
+        return _check_scheduler(children, optimizers)
     sched_opt = getattr(scheduler, "optimizer", None)
     kind = type(scheduler).__name__
     if sched_opt is None:
@@ -797,7 +797,7 @@ def _frozen_prefix_boundary(idx: ModelIndex) -> str | None:
     """The last module of the model's frozen prefix in depth order (its leading fully
     frozen layer groups), as ``FeatureCache(model, upto=...)`` wants it; None when the
     model does not start with a frozen layer."""
-    from .layers import layers
+    from ._layers import layers
 
     try:
         groups = layers(idx.model)
