@@ -90,7 +90,7 @@ def main() -> None:
         opt = _run(model, tfz.param_groups(model, lr=1e-4, weight_decay=0.0))
         rows.append(measure(label + " (tfz)", model, opt, frozen))
 
-    # The hand-written way of seed 003: build Adam over everything, train a step,
+    # The common hand-written way: build Adam over everything, train a step,
     # then set requires_grad=False and keep zero_grad(set_to_none=False).
     model = load()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)

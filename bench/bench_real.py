@@ -42,7 +42,7 @@ ROWS = ["full-fine-tune", "hf-trainer", "partial-freeze", "linear-probe", "gradu
         "auto-freeze", "auto-freeze:nocache", "freezeout"]
 #: bench-only rows (not in the demo): name -> dn.Strategy; ROWS names them to run them
 EXTRA: dict[str, dn.Strategy] = {
-    # issue 16: AutoFreeze without the cache, a FreezeOut-style fixed schedule through
+    # AutoFreeze without the cache, a FreezeOut-style fixed schedule through
     # policy= (cached), and the monitor alone (a policy that never freezes)
     "auto-freeze:nocache": dn.Strategy(
         "auto-freeze:nocache", "AutoFreeze gradnorm, no cache",
@@ -55,7 +55,7 @@ EXTRA: dict[str, dn.Strategy] = {
         lambda m, r: dn.auto_freeze_setup(m, r, policy=lambda s: 0, cache=False)),
 }
 TARGET_MARGIN = 0.005
-#: issue 16's stricter target: the full fine-tune's final accuracy - 0.3 pt
+#: the stricter target: the full fine-tune's final accuracy - 0.3 pt
 STRICT_MARGIN = 0.003
 RECIPE = replace(dn.DEFAULT, shots=None, test=500, epochs=2, evals_per_epoch=2)
 

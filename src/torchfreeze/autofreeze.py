@@ -24,7 +24,7 @@ How a decision is made (``policy="gradnorm"``, :class:`GradNormRule`):
    never the last group (the head).
 
 The guards (``warmup``, ``patience``, ``max_per_decision``) are not in the
-paper; the README's AutoFreeze section shows the rates measured on the demo's
+paper; docs/benchmarks.md (the guards' section) shows the rates measured on the demo's
 workload (MiniLM on BBC News) that motivate them.
 
 Any ``callable(stats) -> int`` can replace the rule (``stats`` is a
@@ -141,7 +141,7 @@ class GradNormRule:
         normalize: compare each group's *share* of the unfrozen groups' total norm
             (previous interval: over the same groups) instead of its norm. Removes the
             common mode: on MiniLM/BBC News all groups' norms rise and fall together
-            with the batches' difficulty (README, AutoFreeze section).
+            with the batches' difficulty (docs/benchmarks.md).
 
     Example:
         >>> from torchfreeze.autofreeze import FreezeStats, GradNormRule

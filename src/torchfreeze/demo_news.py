@@ -290,7 +290,7 @@ class Strategy:
     """One row of the demo: how to turn the freshly built model into a :class:`Setup`.
 
     Attributes:
-        name: the row's name (fixed by issue 15: ``linear-probe``, ...).
+        name: the row's name, stable across releases (``linear-probe``, ...).
         summary: one line for ``--help`` and the docs.
         build: ``build(model, recipe) -> Setup``; freezes what it freezes, makes the
             optimizer. Called after the weights are loaded, before training.
@@ -424,7 +424,7 @@ register(Strategy("from-scratch", "same architecture and recipe, random init",
 
 
 # ---------------------------------------------------------------------------
-# auto-freeze (issue 16): full fine-tuning that freezes a growing prefix
+# auto-freeze: full fine-tuning that freezes a growing prefix
 
 
 #: AutoFreeze decisions per epoch (interval = steps per epoch / this)
@@ -432,7 +432,7 @@ AUTO_DECISIONS_PER_EPOCH = 8
 #: the demo's gradnorm settings: shares (normalize=True) remove the common mode that
 #: moves every group's norm with the batches' difficulty, so one interval below the
 #: median is enough (patience=1); with the library defaults the rule froze nothing on
-#: this job (README, AutoFreeze section)
+#: this job (docs/benchmarks.md, B-real)
 AUTO_OPTIONS: dict[str, Any] = {"normalize": True, "patience": 1}
 
 
@@ -642,7 +642,7 @@ def seconds_to(curve: Sequence[Sequence[float]], target: float) -> float | None:
 
 
 def results_json(rows: Sequence[_Row], data: NewsData, recipe: Recipe) -> dict[str, Any]:
-    """The ``results.json`` payload, exactly the fields issue 15 fixes."""
+    """The ``results.json`` payload: a fixed set of fields."""
     full = next((r for r in rows if r.name == "full-fine-tune"), None)
     return {
         "task": TASK,

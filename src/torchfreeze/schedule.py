@@ -391,7 +391,7 @@ def fine_tune_schedule(
     For ``head_epochs`` epochs only the head trains, at ``lr x head_lr_mult``;
     the body is frozen (BN policy ``bn``). At epoch ``head_epochs`` the body is
     unfrozen and joins the optimizer as one group at ``lr``, while the head keeps
-    its higher rate (seed 004's "10x LR for the new classifier"). Call
+    its higher rate (the usual "10x LR for the new classifier"). Call
     ``ft.unfreezer.step(epoch)`` at the start of every epoch.
 
     The head's groups come from :func:`torchfreeze.param_groups` (so its biases
