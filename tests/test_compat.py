@@ -88,6 +88,14 @@ def test_child_schedulers_and_last_lr() -> None:
         assert isinstance(outer._last_lr, list)
 
 
+def test_storage_key_is_one_per_storage_also_on_meta() -> None:
+    for device in ("cpu", "meta"):
+        a = torch.empty(3, 4, device=device)
+        b = torch.empty(3, 4, device=device)
+        assert _compat.storage_key(a) == _compat.storage_key(a.view(12)[2:])
+        assert _compat.storage_key(a) != _compat.storage_key(b)
+
+
 def test_missing_api_error_names_the_supported_versions(monkeypatch) -> None:
     monkeypatch.setattr(torch, "__version__", "2.99.0")
     err = _compat.unsupported("Foo._bar()", "doing a thing")

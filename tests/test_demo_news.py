@@ -88,6 +88,20 @@ def test_frozen_strategies_verify_ok_and_hold_no_optimizer_state_for_frozen_weig
         assert 8 * params < state <= 8 * params + 8 * 120, name
 
 
+def test_the_plan_is_printed_first_and_predicts_the_frozen_strategies_memory(quick):
+    text = quick["stdout"]
+    assert text.index("tfz.plan: adamw") < text.index("test acc")
+    plan = json.loads((quick["out"] / "plan.json").read_text())
+    assert plan["marks"] == {"0": "full-fine-tune", "5": "partial-freeze",
+                             "7": "linear-probe"}
+    row = plan["rows"][5]  # partial-freeze: embeddings + layers 0-3 frozen
+    s = quick["by_name"]["partial-freeze"]
+    assert row["upto"] == "bert.encoder.layer.3"
+    assert row["trainable"] == s["trainable_params"]
+    assert row["memory"]["optimizer_state"] == s["optimizer_state_bytes"]
+    assert plan["rows"][0]["trainable"] == quick["by_name"]["full-fine-tune"]["trainable_params"]
+
+
 def test_transfer_beats_scratch_by_20_points(quick):
     s = quick["by_name"]
     assert s["full-fine-tune"]["test_accuracy"] >= s["from-scratch"]["test_accuracy"] + 0.20

@@ -22,6 +22,7 @@ from typing import Any
 from ._check import CODES, Diagnosis, Finding, check
 from ._freeze import freeze, freeze_state, freeze_to, frozen, load_freeze_state, unfreeze
 from ._layers import Layer, layers
+from ._plan import Plan, PlanRow, StepMemory, plan
 from ._select import Selection, Selector, select
 from ._summary import Summary, summary
 from ._verify import VerifyReport, verify
@@ -36,6 +37,7 @@ from .errors import (
     FrozenStateChanged,
     LoadError,
     ModelTypeError,
+    PlanError,
     SchedulerError,
     SelectionError,
     TiedWeightWarning,
@@ -69,11 +71,15 @@ __all__ = [
     "LoadError",
     "LoadReport",
     "ModelTypeError",
+    "Plan",
+    "PlanError",
+    "PlanRow",
     "RotatingFreeze",
     "SchedulerError",
     "Selection",
     "SelectionError",
     "Selector",
+    "StepMemory",
     "Summary",
     "TiedWeightWarning",
     "TorchfreezeError",
@@ -93,6 +99,7 @@ __all__ = [
     "load_freeze_state",
     "load_pretrained",
     "param_groups",
+    "plan",
     "read_state_dict",
     "revert_frozen_batchnorm",
     "select",

@@ -60,6 +60,7 @@ __all__ = [
     "pytree",
     "refresh_fsdp_grad_dtypes",
     "remove_ddp_autograd_hooks",
+    "storage_key",
     "supported_torch",
     "unsupported",
     "version_and_grad",
@@ -116,6 +117,9 @@ PRIVATE_APIS: dict[str, str] = {
         "tree_map_only, tree_leaves) to store and replay them (cache/)",
     "torch.Tensor._make_wrapper_subclass / torch._C._disabled_torch_function_impl":
         "the placeholder tensor that stands in for a skipped prefix's output (cache/_hook.py)",
+    "UntypedStorage._cdata":
+        "the identity of a tensor's storage, also on the meta device where every data_ptr "
+        "is 0: tfz.plan counts each saved activation and weight storage once (_plan.py)",
     "LRScheduler._last_lr":
         "per-group last learning rates, extended with a new group (_optim.py)",
     "nn.Module._load_from_state_dict":
@@ -398,6 +402,19 @@ def child_schedulers(sched: Any) -> list[Any]:
         raise unsupported(f"{type(sched).__name__}._schedulers",
                           "registering a new param group with its child schedulers")
     return children
+
+
+# ---------------------------------------------------------------------------
+# storage identity (tfz.plan)
+
+
+def storage_key(t: torch.Tensor) -> int:
+    """One int per storage: views and other tensors sharing memory get the same key
+    (also on the meta device, where every ``data_ptr()`` is 0)."""
+    try:
+        return int(t.untyped_storage()._cdata)
+    except AttributeError as exc:  # pragma: no cover - present in every supported torch
+        raise unsupported("UntypedStorage._cdata", "counting storages once (tfz.plan)") from exc
 
 
 # ---------------------------------------------------------------------------

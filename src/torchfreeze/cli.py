@@ -1,4 +1,4 @@
-"""The ``torchfreeze`` command: ``demo``, ``inspect`` and ``diff``.
+"""The ``torchfreeze`` command: ``demo``, ``plan``, ``inspect`` and ``diff``.
 
 The command line sits on top of the library: the diff itself is computed by
 :mod:`torchfreeze.diff`, checkpoints are read by :mod:`torchfreeze.load`, and
@@ -22,6 +22,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -146,12 +147,23 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _load_factory(spec: str) -> torch.nn.Module:
+def _load_factory(spec: str, *, flag: str = "--model") -> torch.nn.Module:
+    model = _call_factory(spec, flag=flag, what="the nn.Module")
+    if not isinstance(model, torch.nn.Module):
+        raise TorchfreezeError(
+            f"{flag} {spec!r} gave a {type(model).__name__}, not an nn.Module. Point it at a "
+            "function that builds and returns the model (no arguments)."
+        )
+    return model
+
+
+def _call_factory(spec: str, *, flag: str, what: str) -> Any:
+    """``module:attr``: the attribute, called without arguments if it is callable."""
     mod_name, sep, attr = spec.partition(":")
     if not sep or not mod_name or not attr:
         raise TorchfreezeError(
-            f"--model {spec!r} is not 'module:factory'. Give an importable module and a "
-            "callable returning the nn.Module, e.g. --model mypkg.models:build_model."
+            f"{flag} {spec!r} is not 'module:factory'. Give an importable module and a "
+            f"callable returning {what}, e.g. {flag} mypkg.models:build."
         )
     # A user's own model file next to the checkpoint is the common case.
     if os.getcwd() not in sys.path:
@@ -160,7 +172,7 @@ def _load_factory(spec: str) -> torch.nn.Module:
         module = importlib.import_module(mod_name)
     except ImportError as exc:
         raise TorchfreezeError(
-            f"--model: cannot import module {mod_name!r} ({exc}). Run from the folder that "
+            f"{flag}: cannot import module {mod_name!r} ({exc}). Run from the folder that "
             "contains it, or install the package that provides it."
         ) from None
     obj: Any = module
@@ -168,26 +180,77 @@ def _load_factory(spec: str) -> torch.nn.Module:
         if not hasattr(obj, part):
             public = [n for n in dir(module) if not n.startswith("_")][:10]
             raise TorchfreezeError(
-                f"--model: module {mod_name!r} has no attribute {attr!r}. "
+                f"{flag}: module {mod_name!r} has no attribute {attr!r}. "
                 f"It has: {', '.join(public) or '(nothing public)'}."
             )
         obj = getattr(obj, part)
-    model = obj
-    if not isinstance(obj, torch.nn.Module) and callable(obj):
-        try:
-            model = obj()
-        except Exception as exc:  # the user's code: one line, exit 2, not a traceback
-            raise TorchfreezeError(
-                f"--model {spec!r}: the factory raised {type(exc).__name__}: {exc}. Fix the "
-                f"factory (run `python -c \"import {mod_name}; {mod_name}.{attr}()\"` to "
-                "see the traceback)."
-            ) from None
-    if not isinstance(model, torch.nn.Module):
+    if isinstance(obj, torch.nn.Module) or not callable(obj):
+        return obj
+    try:
+        return obj()
+    except Exception as exc:  # the user's code: one line, exit 2, not a traceback
         raise TorchfreezeError(
-            f"--model {spec!r} gave a {type(model).__name__}, not an nn.Module. Point it at a "
-            "function that builds and returns the model (no arguments)."
-        )
-    return model
+            f"{flag} {spec!r}: the factory raised {type(exc).__name__}: {exc}. Fix the "
+            f"factory (run `python -c \"import {mod_name}; {mod_name}.{attr}()\"` to "
+            "see the traceback)."
+        ) from None
+
+
+_BATCH_SPEC = re.compile(r"(?:(?P<name>[A-Za-z_]\w*)=)?(?P<dims>\d+(?:x\d+)*)"
+                         r"(?::(?P<kind>float|int|ones)(?::(?P<high>\d+))?)?")
+
+
+def _batch(specs: Sequence[str]) -> Any:
+    """``--batch``: ``module:function`` returning a batch, or tensor shapes
+    (``16x3x224x224``; ``input_ids=16x64:int:30522 attention_mask=16x64:ones``)."""
+    if len(specs) == 1 and ":" in specs[0] and not _BATCH_SPEC.fullmatch(specs[0]):
+        return _call_factory(specs[0], flag="--batch", what="one example batch")
+    named: dict[str, torch.Tensor] = {}
+    positional: list[torch.Tensor] = []
+    for spec in specs:
+        m = _BATCH_SPEC.fullmatch(spec)
+        if m is None:
+            raise TorchfreezeError(
+                f"--batch {spec!r} is neither 'module:function' nor a tensor shape. Write "
+                "e.g. --batch 16x3x224x224, --batch input_ids=16x64:int:30522 "
+                "attention_mask=16x64:ones, or --batch mypkg.data:example_batch."
+            )
+        shape = [int(d) for d in m["dims"].split("x")]
+        kind, high = m["kind"] or "float", int(m["high"] or 2)
+        t = (torch.randn(shape) if kind == "float" else
+             torch.ones(shape, dtype=torch.long) if kind == "ones" else
+             torch.randint(0, high, shape))
+        if m["name"]:
+            named[m["name"]] = t
+        else:
+            positional.append(t)
+    if named and positional:
+        raise TorchfreezeError("--batch: give every tensor a name (input_ids=...) or none.")
+    return named or (positional[0] if len(positional) == 1 else tuple(positional))
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from ._plan import plan
+
+    device = args.device
+    if device == "meta":
+        with torch.device("meta"):
+            model = _load_factory(args.factory, flag="FACTORY")
+    else:
+        model = _load_factory(args.factory, flag="FACTORY").to(device)
+    batch = _batch(args.batch)
+    if device != "meta":
+        from ._compat import pytree
+
+        batch = pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t,
+                                batch)
+    result = plan(model, batch, optimizer=args.optimizer, epochs=args.epochs,
+                  batches_per_epoch=args.batches_per_epoch, budget=args.budget)
+    if args.json:
+        _json_out(result.to_dict())
+    else:
+        _console().print(result)
+    return EXIT_OK
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -322,6 +385,30 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--unsafe-pickle", action="store_true",
                       help="allow pickles holding arbitrary objects (only for trusted files)")
     insp.set_defaults(func=_cmd_inspect)
+
+    pl = sub.add_parser(
+        "plan", formatter_class=fmt, epilog=_EXIT_HELP,
+        help="what each freeze boundary will cost: step time, memory, cache",
+        description=(
+            "Run tfz.plan on a model built by FACTORY and one example batch: one row per\n"
+            "freeze boundary with the step time, speed-up, memory (grads, optimizer state,\n"
+            "activations) and cache size. --device meta gives the memory without running."
+        ),
+    )
+    pl.add_argument("factory", metavar="FACTORY",
+                    help="module:function building the model, e.g. mypkg.models:build")
+    pl.add_argument("--batch", nargs="+", required=True, metavar="SPEC",
+                    help="module:function returning one batch, or tensor shapes: "
+                         "16x3x224x224, input_ids=16x64:int:30522 attention_mask=16x64:ones")
+    pl.add_argument("--optimizer", default="adamw",
+                    help="adamw (default), adam, sgd, sgd-momentum, rmsprop, adagrad")
+    pl.add_argument("--epochs", type=int, default=3, help="epochs for the cached speed-up")
+    pl.add_argument("--batches-per-epoch", type=int, metavar="N",
+                    help="scales the cache size to the dataset")
+    pl.add_argument("--budget", help="mark the rows that fit: '6 GiB', '250 ms' per step")
+    pl.add_argument("--device", default="cpu", help="cpu (default), cuda, or meta")
+    pl.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pl.set_defaults(func=_cmd_plan)
 
     diff = sub.add_parser(
         "diff", formatter_class=fmt, epilog=_EXIT_HELP,

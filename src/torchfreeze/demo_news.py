@@ -767,6 +767,28 @@ def select_strategies(names: Sequence[str] | None, *, quick: bool) -> list[str]:
     return list(names)
 
 
+#: the freeze boundary (frozen layer groups of tfz.layers) each strategy trains at
+STRATEGY_BOUNDARY = {"full-fine-tune": 0, "partial-freeze": 1 + 4,
+                     "linear-probe": 1 + NUM_LAYERS}  # it also freezes the pooler
+
+
+def plan_for(model: nn.Module, data: NewsData, recipe: Recipe, names: Sequence[str],
+             per_epoch: int) -> Any:
+    """``tfz.plan`` of the demo's model on its first training batch, with the
+    boundaries the chosen strategies train at marked."""
+    from . import plan
+
+    bs = recipe.batch_size
+    batch = {"input_ids": data.train_x[:bs], "attention_mask": data.train_mask[:bs],
+             "labels": data.train_y[:bs]}
+    p = plan(model, batch, epochs=recipe.epochs, batches_per_epoch=per_epoch)
+    marks: dict[int, list[str]] = {}
+    for name in names:
+        if name in STRATEGY_BOUNDARY:
+            marks.setdefault(STRATEGY_BOUNDARY[name], []).append(name)
+    return p.marked({k: ", ".join(v) for k, v in marks.items()})
+
+
 def run_news_demo(
     *,
     quick: bool = False,
@@ -818,12 +840,14 @@ def run_news_demo(
         fresh, report = build_model(weights=weights, seed=recipe.seed + 1,
                                     num_labels=len(data.classes))
         total = sum(p.numel() for p in fresh.parameters())
-        del fresh
         console.print(f"tfz.load_pretrained: {report.headline}; new head: "
                       f"{', '.join(report.missing)}")
+        per_epoch = math.ceil(len(data.train_y) / recipe.batch_size)
+        plan = plan_for(fresh, data, recipe, names, per_epoch)
+        del fresh
+        console.print(plan)
         rows: list[_Row] = []
         initial: dict[bool, float] = {}
-        per_epoch = math.ceil(len(data.train_y) / recipe.batch_size)
         bar = Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("steps"), TimeElapsedColumn(), TextColumn("ETA"),
                        TimeRemainingColumn(), console=console,
@@ -844,10 +868,11 @@ def run_news_demo(
     if sentence:
         console.print(sentence)
     (out_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
     from ._plot import plot_news
 
     png = out_dir / "demo.png"
     plot_news(payload, {r.name: r.drift for r in rows}, png,
               title=f"{MODEL} on BBC News, {len(data.train_y)} labelled articles")
-    console.print(f"wrote {png} and {out_dir / 'results.json'}")
+    console.print(f"wrote {png}, {out_dir / 'results.json'} and {out_dir / 'plan.json'}")
     return payload

@@ -22,6 +22,7 @@ __all__ = [
     "FrozenStateChanged",
     "LoadError",
     "ModelTypeError",
+    "PlanError",
     "SchedulerError",
     "SelectionError",
     "TiedWeightWarning",
@@ -80,6 +81,11 @@ class FreezeStateError(TorchfreezeError):
 
 class CacheError(TorchfreezeError):
     """A FeatureCache cannot cache this module, or its cached values are stale."""
+
+
+class PlanError(TorchfreezeError):
+    """:func:`torchfreeze.plan` could not run the example batch or place a boundary,
+    or :meth:`~torchfreeze.Plan.best` found no boundary within the budget."""
 
 
 class CheckError(TorchfreezeError):
