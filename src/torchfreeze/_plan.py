@@ -51,7 +51,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._compat import own_buffers, pytree, storage_key
-from ._report import Report, fmt_count
+from ._report import Report, fmt_count, render_text
 from ._select import ModelIndex, require_module
 from .errors import PlanError, TorchfreezeError
 
@@ -246,6 +246,9 @@ class Plan(Report):
             f"{misses[-1]}. Train on a smaller batch, use another optimizer, or raise the budget."
         )
 
+    def __str__(self) -> str:
+        return render_text(self._rich(), width=170)  # the whole table, on one line per row
+
     def _rich(self) -> Group:
         per = "epoch" if self.batches_per_epoch else "batch"
         t = Table(title=f"tfz.plan: {self.optimizer}, batch {self.batch_size}, "
@@ -256,7 +259,7 @@ class Plan(Report):
                           ("activations", "right"), ("total", "right"),
                           (f"cache/{per}", "right")) + ((("used by", "left"),) if self.marks
                                                         else ()):
-            t.add_column(col, justify=just)  # type: ignore[arg-type]
+            t.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
         for r in self.rows:
             m = r.memory
             mark = "" if r.fits is None else (" ✓" if r.fits else " ✗")
