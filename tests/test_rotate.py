@@ -3,6 +3,10 @@ bit-identical, resume, orders, errors, checkpointing, tied weights, DDP."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 from typing import Any
 
 import pytest
@@ -13,7 +17,7 @@ import torchfreeze as tfz
 from torchfreeze.errors import FreezeStateError, TorchfreezeError
 from torchfreeze.rotate import optimizer_state_bytes
 
-from ._dist_utils import run_ranks
+from ._dist_utils import free_port, run_ranks
 
 
 def tiny_llama(layers: int = 4, seed: int = 0) -> nn.Module:
@@ -286,6 +290,30 @@ def test_ddp_ranks_stay_bit_identical_across_switches(tmp_path: Any) -> None:
     assert moved == drawn and len(drawn) < len(r0["weights"]) + 1
 
 
+def test_data_parallel_is_looked_through_and_trains_like_the_bare_model() -> None:
+    model, opt, rot = build()
+    train(model, opt, rot, range(8))
+    bare = (weights(model), rot.events, optimizer_state_bytes(opt))
+
+    inner = tiny_llama()
+    dp = nn.DataParallel(inner)  # on CPU its forward calls the module
+    opt = torch.optim.AdamW(dp.parameters(), lr=1e-2, weight_decay=0.1)
+    with tfz.verify(dp, strict=True) as report:
+        rot = tfz.RotatingFreeze(dp, opt, switch_every=3)
+        assert rot.model is dp and [g for g, _ in rot.groups] == [
+            "model.layers.0", "model.layers.1", "model.layers.2", "model.layers.3", "head"]
+        train(inner, opt, rot, range(8))
+    assert report.ok and tfz.check(dp, opt).ok
+    assert rot.events == bare[1]
+    assert all(torch.equal(bare[0][n], p) for n, p in inner.named_parameters())
+    assert optimizer_state_bytes(opt) == bare[2]
+    # the state names the inner model's groups: it resumes without the wrapper too
+    m2 = tiny_llama()
+    rot2 = tfz.RotatingFreeze(m2, torch.optim.AdamW(m2.parameters()), switch_every=3)
+    rot2.load_state_dict(rot.state_dict())
+    assert rot2.active == rot.active and rot2.steps == 8
+
+
 class _LMData(torch.utils.data.Dataset):  # type: ignore[type-arg]
     def __len__(self) -> int:
         return 16
@@ -374,6 +402,111 @@ def test_lightning_callback_frees_state_and_resumes_bit_identical(tmp_path: Any)
     resumed, _, _ = fit(tmp_path / "b", 3, ckpt=str(tmp_path / "a" / "epoch=0.ckpt"))
     for (name, a), (_, b) in zip(module.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+PL_DDP_SCRIPT = """
+import os, torch
+import lightning.pytorch as pl
+from transformers import LlamaConfig, LlamaForCausalLM
+from torchfreeze.integrations.lightning import RotatingFreezeCallback
+
+def tiny_llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=True))
+
+class LM(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.lm = tiny_llama()
+
+    def training_step(self, x, _):
+        return self.lm(input_ids=x, labels=x).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
+
+class Record(pl.Callback):
+    # after the rotation's own hook: the weights of every group as it leaves
+    def __init__(self, rot_cb):
+        self.rot_cb, self.left, self.wrappers = rot_cb, {{}}, []
+
+    def _wrapper(self, trainer):  # held, so an id is never reused
+        if not any(w is trainer.strategy.model for w in self.wrappers):
+            self.wrappers.append(trainer.strategy.model)
+
+    def on_train_start(self, trainer, module):
+        self.prev = list(self.rot_cb.rotation.active)
+        self._wrapper(trainer)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        rot = self.rot_cb.rotation
+        assert trainer.strategy.model is rot.model
+        self._wrapper(trainer)
+        params = dict(module.named_parameters())
+        for g, names in rot.groups:
+            if g in self.prev and g not in rot.active:
+                self.left[g] = {{n: params[n].detach().clone() for n in names}}
+        self.prev = list(rot.active)
+
+module = LM()
+before = {{n: p.detach().clone() for n, p in module.named_parameters()}}
+rot_cb = RotatingFreezeCallback(switch_every=2, order="random", seed=1)
+rec = Record(rot_cb)
+data = [torch.randint(0, 96, (12,), generator=torch.Generator().manual_seed(i))
+        for i in range(28)]  # 2 ranks x 7 steps x batch 2, each rank its own half
+trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp",
+                     logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     enable_checkpointing=False, callbacks=[rot_cb, rec],
+                     default_root_dir={out!r})
+trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
+rot = rot_cb.rotation
+opt = trainer.optimizers[0]
+torch.save({{"before": before,
+            "after": {{n: p.detach().clone() for n, p in module.named_parameters()}},
+            "left": rec.left, "events": rot.events, "groups": dict(rot.groups),
+            "active": rot.active, "steps": rot.steps, "wrappers": len(rec.wrappers),
+            "held": sorted(n for n, p in module.named_parameters() if p in opt.state)}},
+           os.path.join({out!r}, f"rank{{trainer.global_rank}}.pt"))
+"""
+
+
+def test_lightning_callback_under_ddp_two_processes(tmp_path: Any) -> None:
+    """Lightning ``strategy="ddp"``, 2 gloo processes, 7 steps of 2-step blocks (3 switches):
+    ranks bit-identical, each inactive group as it was when it last left, what moved is
+    exactly what was drawn, AdamW state for the active group only."""
+    pytest.importorskip("lightning.pytorch")
+    script = tmp_path / "pl_ddp_rotate.py"
+    script.write_text(textwrap.dedent(PL_DDP_SCRIPT.format(out=str(tmp_path))))
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["steps"] == r1["steps"] == 7
+    assert r0["events"] == r1["events"] and [s for s, _ in r0["events"]] == [0, 2, 4, 6]
+    assert r0["wrappers"] == 4  # a new DDP wrapper at fit start and at every switch
+    for n, w in r0["after"].items():
+        assert torch.equal(w, r1["after"][n]), n  # ranks bit-identical
+    groups, after, before = r0["groups"], r0["after"], r0["before"]
+    drawn = [g for _, names in r0["events"] for g in names]
+    assert len(set(drawn)) == 4 < len(groups)  # 2 of the 6 groups never drawn
+    assert set(r0["left"]) == set(drawn) - set(r0["active"])
+    for g, names in groups.items():
+        if g in r0["active"]:
+            continue
+        expect = r0["left"].get(g) or {n: before[n] for n in names}
+        for n in names:  # inactive: bit-identical to its weights when it last left
+            assert torch.equal(after[n], expect[n]), n
+    moved = {g for g, names in groups.items()
+             if any(not torch.equal(after[n], before[n]) for n in names)}
+    assert moved == set(drawn)  # each drawn group trained; nothing else did
+    active = sorted(n for g in r0["active"] for n in groups[g])
+    assert r0["held"] == r1["held"] == active  # mid-block: state for the active group only
 
 
 def test_callbacks_refuse_unknown_options_and_the_hf_one_refuses_keep() -> None:

@@ -111,7 +111,11 @@ class RotatingFreeze:
     holds state only for the active and ``always`` groups.
 
     Args:
-        model: the model, or its ``DistributedDataParallel`` wrapper.
+        model: the model, or its ``DistributedDataParallel`` wrapper (re-wrapped at
+            every switch: forward through ``rot.model``), or its ``nn.DataParallel``
+            wrapper (looked through: the groups are named as in the inner model, and
+            it replicates the current ``requires_grad`` flags at every forward, so
+            it needs no re-wrap).
         optimizer: an optimizer that holds every parameter of ``layers`` and
             ``always`` (accelerate's wrapper is looked through).
         layers: the rotating groups in depth order (``tfz.layers(model)``, or one
