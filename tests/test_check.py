@@ -565,6 +565,175 @@ def test_guard_habit_on_real_bert() -> None:
 
 
 # ---------------------------------------------------------------------------
+# random-in-frozen (example_inputs=: the random ops that run, the cache's rule)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth as timm writes it (bernoulli_) or as older code does (torch.rand):
+    no nn.Dropout for a class check to see."""
+
+    def __init__(self, p: float, how: str = "bernoulli") -> None:
+        super().__init__()
+        self.p, self.how = p, how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        if self.how == "bernoulli":
+            keep = x.new_empty(shape).bernoulli_(1 - self.p)
+        else:
+            keep = (1 - self.p + torch.rand(shape, dtype=x.dtype, device=x.device)).floor_()
+        return x * keep / (1 - self.p)
+
+
+class GeluDropout(nn.Module):
+    """An activation followed by a functional F.dropout (no dropout module)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(F.gelu(x), 0.1, self.training)
+
+
+def vit_with(how: str) -> nn.Module:
+    """A real HF ViT (no dropout of its own) whose layer 0 draws at random: its residual
+    branches get stochastic depth, or its MLP a functional dropout."""
+    from ._models import tiny_vit
+
+    model = tiny_vit()
+    for layer in model.vit.layers:
+        if how == "functional":
+            layer.mlp.activation_fn = GeluDropout()
+        else:
+            layer.dropout = DropPath(0.2, how)
+    return model
+
+
+IMAGES = torch.randn(2, 3, 16, 16)
+
+
+@pytest.mark.parametrize("how, where, op", [
+    ("bernoulli", "vit.layers.0.dropout", "bernoulli_"),
+    ("rand", "vit.layers.0.dropout", "rand"),
+    ("functional", "vit.layers.0.mlp.activation_fn", "bernoulli_"),
+])
+def test_random_op_in_a_frozen_hf_layer_is_reported_with_module_and_op(how, where, op) -> None:
+    model = vit_with(how).train()
+    tfz.freeze(model, "vit.embeddings", "vit.layers.0")
+    assert "dropout-in-frozen" not in tfz.check(model).codes  # no class to see
+    assert "random-in-frozen" not in tfz.check(model).codes   # without inputs: as before
+    rng = torch.get_rng_state()
+    (f,) = tfz.check(model, example_inputs=IMAGES).find("random-in-frozen")
+    assert torch.equal(torch.get_rng_state(), rng)  # it drew, from a forked generator
+    assert f.severity == "info" and f.names == (where,) and f.where == where
+    assert f"'{where}' ({op})" in f.message
+    # the trainable layers 1 and 2 draw too, and are not reported
+    fix = "tfz.FeatureCache(model, upto='vit.layers.0', pin_eval=True)"
+    assert fix in f.fix
+    # the same rule refuses the cache, and the fix named in the finding works
+    cache = tfz.FeatureCache(model, upto="vit.layers.0")
+    with pytest.raises(tfz.CacheError, match=f"{op} runs inside '{where}'"), \
+            cache.keys([0, 1]):
+        model(IMAGES)
+    cache.close()
+    cache = eval(fix, {"tfz": tfz, "model": model})
+    assert model.training and tfz.check(model, example_inputs=IMAGES).codes == ()
+    for _ in range(2):
+        with cache.keys([0, 1]):
+            model(IMAGES)
+    assert cache.hits == 2
+    cache.close()
+
+
+def test_eval_of_the_frozen_block_clears_the_finding() -> None:
+    model = vit_with("bernoulli").train()
+    tfz.freeze(model, "vit.embeddings", "vit.layers.{0..1}")
+    (f,) = tfz.check(model, example_inputs=(IMAGES,)).find("random-in-frozen")
+    assert f.names == ("vit.layers.0.dropout", "vit.layers.1.dropout")
+    model.vit.layers[0].eval()
+    (f,) = tfz.check(model, example_inputs={"pixel_values": IMAGES}).find("random-in-frozen")
+    assert f.names == ("vit.layers.1.dropout",)
+    model.vit.layers[1].eval()
+    assert tfz.check(model, example_inputs=IMAGES).find("random-in-frozen") == []
+
+
+def test_random_ops_in_trainable_modules_are_not_reported() -> None:
+    model = vit_with("functional").train()
+    tfz.freeze(model, "vit.embeddings")            # every layer trains
+    assert tfz.check(model, example_inputs=IMAGES).find("random-in-frozen") == []
+    bert = tiny_bert().train()                     # dropout modules and attention dropout
+    tfz.freeze(bert, "bert.embeddings.word_embeddings")
+    tokens = {"input_ids": torch.randint(1, 100, (2, 6))}
+    assert tfz.check(bert, example_inputs=tokens).codes == ()
+
+
+def test_hf_attention_dropout_is_one_finding_not_two() -> None:
+    # BERT's attention applies its dropout module's p functionally (inside SDPA or
+    # F.dropout): dropout-in-frozen names the module, random-in-frozen adds nothing
+    model = tiny_bert().train()
+    tfz.freeze(model, "bert.embeddings", "bert.encoder.layer.{0..1}")
+    tokens = {"input_ids": torch.randint(1, 100, (2, 6))}
+    assert tfz.check(model, example_inputs=tokens).codes == ("dropout-in-frozen",)
+
+
+def test_a_module_that_draws_in_eval_mode_is_named_so() -> None:
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) + 0.01 * torch.randn_like(x)   # whatever the mode
+
+    model = nn.Sequential(Noisy(), nn.Linear(4, 2)).eval()
+    tfz.freeze(model, "0")
+    (f,) = tfz.check(model, example_inputs=torch.randn(3, 4)).find("random-in-frozen")
+    assert f.names == ("0",) and "'0' (randn_like)" in f.message
+    assert "draws in eval mode too" in f.message
+    assert "eval mode does not" in f.fix and "pin_eval" not in f.fix
+
+
+def test_check_with_example_inputs_leaves_the_model_exactly_as_it_was() -> None:
+    net = conv_net().train()
+    for p in net.block.parameters():
+        p.requires_grad_(False)      # by hand: BN in train mode, its statistics would move
+    tfz.freeze(net, "stem")
+    cache = tfz.FeatureCache(net, upto="stem")
+    x = torch.randn(2, 3, 6, 6)
+    with cache.keys([0, 1]):
+        net(x)
+    buffers = {k: (b, b.clone(), b._version) for k, b in net.named_buffers()}
+    before = snapshot(net)
+    modes = [m.training for m in net.modules()]
+    flags = [p.requires_grad for p in net.parameters()]
+    rng = torch.get_rng_state()
+    diag = tfz.check(net, example_inputs=x)
+    assert "bn-stats-drift" in diag.codes
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, (b, value, version) in buffers.items():
+        now = dict(net.named_buffers())[k]
+        assert now is b and torch.equal(b, value) and b._version == version, k
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    assert modes == [m.training for m in net.modules()]
+    assert flags == [p.requires_grad for p in net.parameters()]
+    with cache.keys([0, 1]):          # the cache saw no write: it still replays
+        net(x)
+    assert cache.hits == 2 and cache.invalidations == 0
+    cache.close()
+
+
+def test_check_example_inputs_the_model_refuses_is_an_error_and_changes_nothing() -> None:
+    model = vit_with("bernoulli").train()
+    tfz.freeze(model, "vit.embeddings", "vit.layers.0")
+    wrong = torch.randn(2, 5)
+    rng = torch.get_rng_state()
+    with pytest.raises(TorchfreezeError, match=r"the model raised \w+ on the example inputs"):
+        tfz.check(model, example_inputs=wrong)
+    assert torch.equal(torch.get_rng_state(), rng) and model.training
+    assert all(not h for m in model.modules()
+               for h in (m._forward_hooks, m._forward_pre_hooks))
+
+
+# ---------------------------------------------------------------------------
 # distributed: DDP and FSDP2 in one process (1-rank gloo group)
 
 

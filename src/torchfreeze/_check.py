@@ -39,6 +39,9 @@ code                        severity  meaning
 ``scheduler-mismatch``      error     the LR scheduler drives another optimizer or
                                       another number of param groups
 ``dropout-in-frozen``       info      dropout active inside a frozen region
+``random-in-frozen``        info      with ``example_inputs``: a random op ran inside
+                                      a frozen region (``DropPath``, ``F.dropout``,
+                                      ``torch.rand*``), seen by the ops that ran
 ==========================  ========  ===========================================
 """
 
@@ -55,11 +58,11 @@ from rich.table import Table
 from rich.text import Text
 from torch import nn
 
-from ._compat import ddp_delays_all_reduce, ddp_logging_data, nested_schedulers
+from ._compat import ddp_delays_all_reduce, ddp_logging_data, nested_schedulers, own_tensor_dicts
+from ._random_ops import DROPOUT, RandomOps
 from ._report import Report
 from ._select import ModelIndex
 from ._wrappers import unwrap_optimizer
-from .cache._guards import DROPOUT
 from .errors import CheckError, ModelTypeError, TorchfreezeError
 from .norm import FrozenBatchNorm, bn_policy, is_batchnorm
 
@@ -82,6 +85,7 @@ CODES: dict[str, str] = {
     "wrapped-before-freeze": "a DDP wrapper registered another set of trainable parameters",
     "scheduler-mismatch": "the LR scheduler does not match the optimizer's param groups",
     "dropout-in-frozen": "dropout is active inside a frozen region",
+    "random-in-frozen": "a random op ran inside a frozen region (seen with example_inputs)",
 }
 
 
@@ -300,6 +304,8 @@ def check(
     model: nn.Module,
     optimizer: _OptimizerLike | Sequence[_OptimizerLike] | None = None,
     scheduler: Any = None,
+    *,
+    example_inputs: Any = None,
 ) -> Diagnosis:
     """Find the known fine-tuning pitfalls in a model, its optimizer and scheduler.
 
@@ -315,13 +321,23 @@ def check(
         optimizer: an optimizer (or a list of them, when several train parts of
             the model); without one the optimizer checks are skipped.
         scheduler: the LR scheduler driving ``optimizer``.
+        example_inputs: a batch to run the model on once (a tensor, a tuple of
+            positional inputs or a dict of keyword inputs, as for
+            :func:`~torchfreeze.layers`), under ``torch.no_grad()`` and in the
+            model's current train/eval mode, to see which random ops run inside
+            frozen modules (``random-in-frozen``: timm's ``DropPath``, a functional
+            ``F.dropout``, ``torch.rand*``; by the ops themselves, the rule
+            ``FeatureCache`` refuses a prefix by). The model is left exactly as it
+            was: buffers (BatchNorm statistics) are swapped for copies during the
+            pass, the RNG state is forked, modes and flags are restored.
 
     Returns:
         A :class:`Diagnosis`: a sequence of :class:`Finding`, errors first.
 
     Raises:
         ModelTypeError: ``model`` is not an ``nn.Module``.
-        TorchfreezeError: ``optimizer`` is not a torch optimizer (or a list of them).
+        TorchfreezeError: ``optimizer`` is not a torch optimizer (or a list of them),
+            or the model raised on ``example_inputs``.
 
     Example:
         >>> import torch, torch.nn as nn, torchfreeze as tfz
@@ -372,7 +388,11 @@ def check(
     findings += _check_ddp(idx)
     if scheduler is not None:
         findings += _check_scheduler(scheduler, optimizers)
-    findings += _check_dropout(idx)
+    dropout = _check_dropout(idx)
+    findings += dropout
+    if example_inputs is not None:
+        named = {n for f in dropout for n in f.names}
+        findings += _check_random(idx, example_inputs, named)
     if not optimizers:
         notes.append("no optimizer given: optimizer checks (frozen-in-optimizer, "
                      "not-in-optimizer, ignored-group-key, duplicate-param) skipped")
@@ -813,6 +833,19 @@ def _frozen_prefix_boundary(idx: ModelIndex) -> str | None:
     return boundary
 
 
+def _eval_fix(idx: ModelIndex) -> str:
+    """How to keep the frozen modules in eval: the cache over the frozen prefix
+    (``pin_eval=True`` pins it through every ``model.train()``), or by hand."""
+    boundary = _frozen_prefix_boundary(idx)
+    if boundary is not None:
+        return (f"tfz.FeatureCache(model, upto='{boundary}', pin_eval=True) keeps the whole "
+                f"frozen prefix (up to and including '{boundary}') in eval through every "
+                "model.train() and caches it")
+    return ("the frozen modules do not form a prefix of the model (a trainable layer "
+            "runs first), so they cannot be cached; call .eval() on them after each "
+            "model.train()")
+
+
 def _check_dropout(idx: ModelIndex) -> list[Finding]:
     frozen_region: dict[str, bool] = {}
     for name, m in idx.modules.items():
@@ -841,15 +874,7 @@ def _check_dropout(idx: ModelIndex) -> list[Finding]:
         return []
     # One finding for the whole frozen part: the fix is one cache over the whole frozen
     # prefix (caching a middle layer would replay inputs that upstream dropout randomised).
-    boundary = _frozen_prefix_boundary(idx)
-    if boundary is not None:
-        cache = (f"tfz.FeatureCache(model, upto='{boundary}', pin_eval=True) keeps the whole "
-                 f"frozen prefix (up to and including '{boundary}') in eval through every "
-                 "model.train() and caches it")
-    else:
-        cache = ("the frozen modules do not form a prefix of the model (a trainable layer "
-                 "runs first), so they cannot be cached; call .eval() on them after each "
-                 "model.train()")
+    cache = _eval_fix(idx)
     return [Finding(
         "dropout-in-frozen", "info", _short(regions, 3),
         f"{len(drops)} dropout layers in frozen modules are active ({_short(drops, 2)}): "
@@ -857,4 +882,117 @@ def _check_dropout(idx: ModelIndex) -> list[Finding]:
         "the frozen features are then not deterministic and cannot be cached.",
         f"keep it if you want the regularisation; for fixed features, {cache}",
         names=tuple(drops),
+    )]
+
+
+def _random_draws(idx: ModelIndex, example_inputs: Any) -> list[tuple[str, str, str]]:
+    """(module, op, kind) of every random op that ran inside a frozen region during one
+    forward on ``example_inputs``, each once, in order; the model is left as it was.
+
+    The op rule is ``_random_ops`` (FeatureCache refuses a prefix by it). A draw is
+    named after the innermost module running it; it is in a frozen region when the
+    innermost running module that has parameters has no trainable one (a
+    parameter-less ``DropPath`` belongs to the block that calls it)."""
+    from ._layers import call_model
+    from ._snapshot import capture, restore
+
+    model = idx.model
+    frozen: dict[int, bool | None] = {}
+    for m in idx.modules.values():
+        ps = list(m.parameters())
+        frozen[id(m)] = not any(p.requires_grad for p in ps) if ps else None
+    stack: list[nn.Module] = []
+
+    def where() -> str | None:
+        for m in reversed(stack):
+            state = frozen.get(id(m))
+            if state is not None:
+                return idx.module_name.get(id(stack[-1])) if state else None
+        return None
+
+    def push(module: nn.Module, *_: Any) -> None:
+        stack.append(module)
+
+    def pop(module: nn.Module, *_: Any) -> None:
+        if stack and stack[-1] is module:
+            stack.pop()
+
+    handles = []
+    for m in idx.modules.values():
+        handles.append(m.register_forward_pre_hook(push))
+        handles.append(m.register_forward_hook(pop, always_call=True))
+    # buffers (BatchNorm statistics, counters) run on copies: the originals keep their
+    # values and their in-place version counters (a FeatureCache watches those)
+    saved = [(d, dict(d)) for d in (own_tensor_dicts(m)[1] for m in model.modules())]
+    copies: dict[int, torch.Tensor] = {}
+    for d, before in saved:
+        for k, b in before.items():
+            if b is not None:
+                d[k] = copies.setdefault(id(b), b.detach().clone())
+    snapshot = capture(model)
+    devices = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers())
+                      if t.device.type == "cuda"})
+    detector = RandomOps(where, every=True)
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), detector:
+            call_model(model, example_inputs)
+    except Exception as exc:
+        raise TorchfreezeError(
+            f"tfz.check(example_inputs=...): the model raised {type(exc).__name__} on the "
+            f"example inputs: {exc}. Pass what the model takes: a tensor (model(x)), a tuple "
+            "(model(*x)) or a dict (model(**x))."
+        ) from exc
+    finally:
+        for h in handles:
+            h.remove()
+        for d, before in saved:
+            d.clear()
+            d.update(before)
+        restore(snapshot)
+    return [(name, op, kind) for name, op, kind in detector.seen]
+
+
+def _check_random(idx: ModelIndex, example_inputs: Any, named: set[str]) -> list[Finding]:
+    """``random-in-frozen``: the random ops that ran inside frozen modules, besides those
+    ``dropout-in-frozen`` names already (a dropout module, or a module applying its
+    dropout child's ``p`` functionally, as Hugging Face attention does) and BatchNorm
+    layers' batch statistics (``bn-stats-drift``'s)."""
+    draws: dict[str, list[str]] = {}
+    for name, op, kind in _random_draws(idx, example_inputs):
+        module = idx.modules.get(name)
+        if name in named or (kind == "batch-stats" and module is not None
+                             and is_batchnorm(module)):
+            continue
+        if kind == "random" and module is not None and any(
+                f"{name}.{child}".lstrip(".") in named for child, c in module.named_children()
+                if isinstance(c, DROPOUT)):
+            continue
+        what = "batch statistics" if kind == "batch-stats" else op
+        draws.setdefault(name, [])
+        if what not in draws[name]:
+            draws[name].append(what)
+    if not draws:
+        return []
+    modules = list(draws)
+    shown = [f"'{n or '(root)'}' ({', '.join(ops)})" for n, ops in draws.items()]
+    in_eval = [n for n in modules if n in idx.modules and not idx.modules[n].training]
+    msg = (f"random ops ran inside frozen modules on the example inputs: {_short(shown, 3)}. "
+           "Their output is random at every step (stochastic depth / DropPath, functional "
+           "dropout, torch.rand*, bernoulli), seen by the ops that ran, not by module class. "
+           "Often wanted (regularisation), but the frozen features are then not "
+           "deterministic and cannot be cached: FeatureCache refuses such a prefix.")
+    fixes = ["keep it if you want the regularisation"]
+    if len(in_eval) < len(modules):
+        fixes.append(f"for fixed features, {_eval_fix(idx)}")
+    if in_eval:
+        one = len(in_eval) == 1
+        msg += (f" {_short([repr(n) for n in in_eval], 2)} {'draws' if one else 'draw'} in "
+                f"eval mode too, so eval pinning does not make {'it' if one else 'them'} "
+                "deterministic.")
+        fixes.append(f"switch the randomness of {_short([repr(n) for n in in_eval], 2)} off "
+                     "in its own code or config before caching: eval mode does not")
+    fix = "; ".join(fixes)
+    return [Finding(
+        "random-in-frozen", "info", _short([n or "(root)" for n in modules], 3), msg, fix,
+        names=tuple(modules),
     )]

@@ -79,8 +79,8 @@ PRIVATE_APIS: dict[str, str] = {
         "in-place write counter of a tensor: FeatureCache drops or refuses entries when a "
         "watched tensor was written (cache/_guards.py Watch)",
     "torch.utils._python_dispatch.TorchDispatchMode":
-        "sees the aten ops that run, so FeatureCache detects random ops by their "
-        "nondeterministic_seeded tag (cache/_guards.py RandomOps)",
+        "sees the aten ops that run, so FeatureCache and tfz.check detect random ops by "
+        "their nondeterministic_seeded tag (_random_ops.py RandomOps)",
     "torch.nn.modules.batchnorm._BatchNorm":
         "base class of BatchNorm1d/2d/3d, SyncBatchNorm and LazyBatchNorm: BN policies (norm.py)",
     "torch.nn.modules.batchnorm._NormBase":

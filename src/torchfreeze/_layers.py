@@ -127,6 +127,16 @@ def _common_prefix(names: Iterable[str]) -> str:
     return ".".join(out)
 
 
+def call_model(model: nn.Module, example_inputs: Any) -> Any:
+    """``model(**x)`` for a dict, ``model(*x)`` for a tuple or list, else ``model(x)``:
+    how ``layers`` and ``check`` call a model on its ``example_inputs``."""
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
 def _execution_order(model: nn.Module, example_inputs: Any) -> dict[int, int]:
     order: dict[int, int] = {}
     handles = []
@@ -140,12 +150,7 @@ def _execution_order(model: nn.Module, example_inputs: Any) -> dict[int, int]:
     try:
         model.eval()
         with torch.no_grad():
-            if isinstance(example_inputs, dict):
-                model(**example_inputs)
-            elif isinstance(example_inputs, (tuple, list)):
-                model(*example_inputs)
-            else:
-                model(example_inputs)
+            call_model(model, example_inputs)
     finally:
         for h in handles:
             h.remove()

@@ -12,6 +12,7 @@ rule                   what it guards
                        randomness in the prefix: dropout/BatchNorm by class, and any
                        random op that runs (``bernoulli``, ``rand*``, stochastic depth,
                        functional dropout, batch statistics) by the ops themselves
+                       (the op rule lives in ``_random_ops``, shared with ``tfz.check``)
 :func:`signature` / :func:`check_signature`
                        the prefix called with other shapes, dtypes, devices or options
                        (dynamic padding, another ``max_length``)
@@ -44,13 +45,16 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .._compat import TorchDispatchMode, own_tensor_dicts, pytree, version_and_grad
+from .._compat import own_tensor_dicts, pytree, version_and_grad
+from .._random_ops import DROPOUT
+from .._random_ops import RandomOps as _RandomOps
 from ..errors import CacheError
 from ..norm import is_batchnorm
 from ._hook import describe
 from ._storage import IdBatch
 
 __all__ = [
+    "DROPOUT",
     "Lineage",
     "RandomOps",
     "Watch",
@@ -64,15 +68,6 @@ __all__ = [
     "normalize_ids",
     "signature",
 ]
-
-DROPOUT = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
 
 
 def _where(module: nn.Module, name: str) -> str:
@@ -187,31 +182,6 @@ def check_deterministic(module: nn.Module, name: str) -> None:
             )
 
 
-def _arg(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> Any:
-    for i, a in enumerate(func._schema.arguments):
-        if a.name == name:
-            return args[i] if i < len(args) else kwargs.get(name, a.default_value)
-    return None
-
-
-def random_op(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether an aten op draws random numbers or normalises with batch statistics.
-
-    By the op's ``nondeterministic_seeded`` tag; ops that draw only with a dropout
-    probability (attention kernels) or a ``train`` flag count only when they do."""
-    name = func.__name__
-    if torch.Tag.nondeterministic_seeded in func.tags:
-        p = _arg(func, args, kwargs, "dropout_p")
-        if p is not None:
-            return bool(p > 0)
-        train = _arg(func, args, kwargs, "train")
-        return train is not False and not (name.startswith("native_dropout") and
-                                            _arg(func, args, kwargs, "p") == 0)
-    if "batch_norm" in name:
-        return "with_update" in name or _arg(func, args, kwargs, "training") is True
-    return False
-
-
 def random_error(where: str, op: str) -> CacheError:
     return CacheError(
         f"FeatureCache cannot cache this prefix: {op} runs inside {where} before the "
@@ -222,24 +192,13 @@ def random_error(where: str, op: str) -> CacheError:
     )
 
 
-class RandomOps(TorchDispatchMode):
-    """Records the first random op that runs (by its tags, not by module class);
-    ``where()`` names the module running at that moment."""
+class RandomOps(_RandomOps):
+    """The random-op detector of ``_random_ops`` (one rule, shared with ``tfz.check``):
+    the first random op that runs; ``where()`` names the module running at that
+    moment, and :meth:`check` refuses with the fix."""
 
     def __init__(self, where: Callable[[], str | None]) -> None:
-        super().__init__()
-        self.where = where
-        self.found: tuple[str, str] | None = None
-        self.active = True
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
-        kwargs = kwargs or {}
-        if self.active and self.found is None and random_op(func, args, kwargs):
-            where = self.where()
-            if where is not None:
-                self.found = (where, str(func.overloadpacket.__name__))
-        return func(*args, **kwargs)
+        super().__init__(where)
 
     def check(self) -> None:
         if self.found is not None:
