@@ -163,6 +163,27 @@ def test_keep_returns_a_groups_state_and_fresh_starts_it_again() -> None:
             assert int(opt.state[w]["step"]) == 1  # bias correction starts again (BAdam)
 
 
+def test_keep_trains_like_fresh_until_a_group_returns_and_its_stash_is_the_groups_that_left(
+        ) -> None:
+    runs = {state: build(state=state) for state in ("fresh", "keep")}  # 5 groups, blocks of 3
+    (mf, _, fresh), (mk, _, keep) = runs["fresh"], runs["keep"]
+    params = dict(mk.named_parameters())
+    adamw = {g: sum(8 * params[n].numel() + 4 for n in names) for g, names in keep.groups}
+    for i in range(15):  # one cycle: head, layers.3 .. layers.0, and the head is back
+        for model, opt, rot in runs.values():
+            train(model, opt, rot, range(i, i + 1))
+        assert all(torch.equal(a, b) for a, b in zip(mf.parameters(), mk.parameters()))
+        left = [names[0] for _, names in keep.events[:-1]]
+        assert keep.stash_bytes == sum(adamw[g] for g in left[-4:]) and fresh.stash_bytes == 0
+        if i < 14:  # what the optimizer holds is the same until a group returns
+            assert keep.state_bytes() == fresh.state_bytes()
+    assert keep.active == ["head"] and keep.steps == 15  # keep gives it its AdamW state back
+    assert keep.state_bytes() == adamw["head"] and fresh.state_bytes() == 0
+    for model, opt, rot in runs.values():
+        train(model, opt, rot, range(15, 16))
+    assert not torch.equal(mf.lm_head.weight, mk.lm_head.weight)  # old moments vs fresh ones
+
+
 def test_orders_and_lisa() -> None:
     model = tiny_llama(layers=6)
     opt = torch.optim.AdamW(model.parameters())
