@@ -22,7 +22,8 @@ The package is split by concern:
   tensor in RAM or in files, a tensor id index, and the ``path=`` directory
   that persists, is shared by the processes of a node and survives a killed writer;
 * ``_path``: what a cache records in a ``path=`` store (namespace folders, the
-  metadata it is checked against, the recorded prefix) and reads back;
+  metadata it is checked against, the recorded prefix, each namespace's structure)
+  and reads back: ``PathStore``, the one object a cache with ``path=`` calls;
 * ``_guards``: every rule that can refuse or invalidate a replay, each written once
   with its message (input signature, trainable or changed tensors inside and
   outside the prefix modules, random ops, ids, ``validate=True`` digests): adding a

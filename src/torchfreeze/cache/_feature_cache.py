@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
@@ -33,14 +32,8 @@ from ._hook import (
     unflatten_output,
     uninstall,
 )
-from ._path import meta_for, namespace_folder, recorded_prefix, wipe_namespaces
+from ._path import PathStore
 from ._storage import STORAGE_MODES, IdBatch, Storage, StorageBudget, StorageMode
-from .persist import (
-    check_store_folder,
-    load_structure,
-    open_meta,
-    save_structure,
-)
 from .store import SlabStore
 
 _FLOAT_STORE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -435,8 +428,7 @@ class FeatureCache:
                 "path= keeps entries in files, but storage='memory' asks for RAM only; "
                 "drop one of them."
             )
-        if path is not None:
-            check_store_folder(os.fspath(path))
+        persist = None if path is None else PathStore(os.fspath(path), overwrite=overwrite)
         if upto is None:
             boundary, bname = model, ""
         else:
@@ -466,7 +458,7 @@ class FeatureCache:
         self.path = None if path is None else os.fspath(path)
         self.overwrite = overwrite
         self.device = None if device is None else torch.device(device)
-        self._path_claimed = False
+        self._persist = persist  # path=: the store's metadata and namespace structures
         self._filling = False
         # The prefix modules besides the boundary: known (none) for the one-module form,
         # found on the first keys() pass with upto=.
@@ -503,7 +495,7 @@ class FeatureCache:
             if upto is not None:
                 for _, m in self._registered_prefix():
                     self._pin(m)
-        if self.path is not None:
+        if self._persist is not None:
             try:
                 self._open_path()
             except BaseException:
@@ -1106,8 +1098,9 @@ class FeatureCache:
             ns.storage = self._make_storage(ns, device)
         else:
             self._check_shapes(ns, stored)
-        if self.path is not None and not ns.saved:
-            self._save_structure(ns)
+        if self._persist is not None and not ns.saved:
+            self._persist.save(ns, self._prefix or [], forced_grad=self._forced_grad,
+                               verified=self._verified)
         ns.storage.write(ids, stored)
         # Computed rows go out rounded exactly like stored ones, so a result never
         # depends on whether its sample was a hit.
@@ -1133,79 +1126,39 @@ class FeatureCache:
     # ------------------------------------------------------------- the store
     def _new_namespace(self, key: _Key) -> _Namespace:
         ns = _Namespace(key, self._prefix == [])
-        if self.path is None or not self._path_claimed:
-            return ns
-        folder = self._ns_dir(key)
-        structure = load_structure(folder)
-        if structure is None:
-            return ns
-        # A store another run (or rank) made: replay from the first batch, no prefix call.
-        by_name = dict(self._prefix or ())
-        ns.spec = dataclasses.replace(structure["spec"], device=self._replay_device())
-        ns.prefix_specs = {id(by_name[name]): specs
-                           for name, specs in structure["prefix_specs"].items()}
-        ns.shapes = [tuple(shape) for shape in structure["shapes"]]
-        ns.dtypes = list(structure["dtypes"])
-        ns.signature = structure.get("signature")
-        self._forced_grad |= bool(structure.get("forced_grad", False))
-        # train/eval states the writer ran under the random-op detector without a finding
-        self._verified |= set(structure.get("verified", ()))
-        ns.storage = self._make_storage(ns, None)
-        ns.saved = True
+        loaded = None if self._persist is None else \
+            self._persist.load(ns, self._prefix or [], self._boundary)
+        if loaded is not None:
+            # A store another run (or rank) made: replay from the first batch, no prefix
+            # call; train/eval states the writer ran under the random-op detector count.
+            forced_grad, verified = loaded
+            self._forced_grad |= forced_grad
+            self._verified |= verified
+            ns.storage = self._make_storage(ns, None)
         return ns
-
-    def _ns_dir(self, key: _Key) -> str:
-        assert self.path is not None
-        return namespace_folder(self.path, key)
 
     def _make_storage(self, ns: _Namespace, device: torch.device | None) -> Storage:
         """The one place a Storage is made (CONTRACTS.md 1), for namespace ``ns``
         (``ns.key``: call index, autocast state) of rows ``ns.shapes``/``ns.dtypes``."""
         return SlabStore(ns.shapes, ns.dtypes, budget=self._budget,
                          device=device if device is not None else "cpu",
-                         path=None if self.path is None else self._ns_dir(ns.key))
-
-    def _save_structure(self, ns: _Namespace) -> None:
-        if ns.prefix_specs is None or ns.spec is None or not self._path_claimed:
-            return
-        names = {id(m): name for name, m in self._prefix or ()}
-        save_structure(self._ns_dir(ns.key), {
-            "spec": ns.spec,
-            "prefix_specs": {names[k]: v for k, v in ns.prefix_specs.items()},
-            "shapes": ns.shapes,
-            "dtypes": ns.dtypes,
-            "signature": ns.signature,
-            "forced_grad": self._forced_grad,
-            "verified": sorted(self._verified),
-        })
-        ns.saved = True
-
-    def _replay_device(self) -> torch.device:
-        for module in (self._boundary, *(m for _, m in self._prefix or ())):
-            for t in (*module.parameters(), *module.buffers()):
-                return t.device
-        return torch.device("cpu")
+                         path=None if self._persist is None else self._persist.folder(ns.key))
 
     def _open_path(self) -> None:
         """Check a ``path=`` store against this model now when its prefix is known."""
-        assert self.path is not None
-        if self.upto is None:
-            self._claim_path()
-            return
-        recorded = recorded_prefix(self.path, self._root, self._boundary_name,
-                                   overwrite=self.overwrite)
-        if recorded is None:
-            return
-        prefix, outside = recorded
-        self._adopt_prefix(prefix, self._outside_tensors(outside))
+        assert self._persist is not None
+        if self.upto is not None:
+            recorded = self._persist.recorded(self._root, self._boundary_name)
+            if recorded is None:
+                return  # claimed once discovery found the prefix
+            prefix, outside = recorded
+            self._adopt_prefix(prefix, self._outside_tensors(outside))
         self._claim_path()
 
     def _claim_path(self) -> None:
-        assert self.path is not None
-        meta = meta_for(self._boundary_name, self._boundary, self._prefix or [],
-                        self._guard.names_and_tensors_outside(), self.dtype)
-        open_meta(self.path, meta, overwrite=self.overwrite)
-        self._path_claimed = True
+        assert self._persist is not None
+        self._persist.claim(self._boundary_name, self._boundary, self._prefix or [],
+                            self._guard.names_and_tensors_outside(), self.dtype)
 
     def _adopt_prefix(self, prefix: list[tuple[str, nn.Module]],
                       outside: list[tuple[str, nn.Module, str]]) -> None:
@@ -1344,7 +1297,7 @@ class FeatureCache:
         self._guard.check_frozen(self._boundary_name)
         if state.random.found is None:
             self._verified.add(self._guard.training())
-        if self.path is not None:
+        if self._persist is not None:
             self._claim_path()
 
     def _name_of(self, module: nn.Module) -> str:
@@ -1390,8 +1343,8 @@ class FeatureCache:
         changed = self._guard.differences()
         if not changed:
             return
-        if self.path is not None and self._path_claimed:
-            raise guards.changed_error(self.path, changed)
+        if self._persist is not None and self._persist.claimed:
+            raise guards.changed_error(self._persist.path, changed)
         dropped = len(self)
         if dropped:
             self._drop_entries()
@@ -1416,8 +1369,8 @@ class FeatureCache:
                 ns.storage.close()
         self._namespaces = {}
         self._budget.clear()
-        if wipe and self.path is not None:
-            wipe_namespaces(self.path)
+        if wipe and self._persist is not None:
+            self._persist.wipe()
 
     def _check_digests(self, state: _Pass, seg: _Segment) -> None:
         if seg.digests is not None:
