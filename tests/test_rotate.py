@@ -235,6 +235,58 @@ def test_bad_settings_are_refused_and_change_nothing() -> None:
     assert [p.requires_grad for p in model.parameters()] == flags and not opt.state
 
 
+def test_bfloat16_weights_are_refused_saying_what_to_do_and_that_works() -> None:
+    half = tiny_llama().to(torch.bfloat16)
+    with pytest.raises(TorchfreezeError) as err:
+        tfz.RotatingFreeze(half, torch.optim.AdamW(half.parameters()))
+    msg = str(err.value)
+    for advice in ("38 of them (model.layers.0.self_attn.q_proj.weight", "model.float()",
+                   "dtype=torch.float32", "torch.autocast(device_type, dtype=torch.bfloat16)",
+                   "precision='bf16-mixed', not 'bf16-true'", "bf16=True with a float32 model"):
+        assert advice in msg, advice
+    assert all(p.requires_grad for p in half.parameters())
+    # what it says: float32 weights, the forward in bfloat16 under autocast
+    model, opt, rot = build()
+    before = weights(model)
+    for i in range(4):
+        x = batch(i)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        rot.step()
+        opt.zero_grad()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert moved == {n for g, names in rot.groups if g in ("head", "model.layers.3")
+                     for n in names}
+    assert all(v.dtype == torch.float32 for st in opt.state.values() for k, v in st.items()
+               if k != "step")
+
+
+def test_lightning_bf16_true_is_refused_at_fit_start(tmp_path: Any) -> None:
+    pl = pytest.importorskip("lightning.pytorch")
+    from torchfreeze.integrations.lightning import RotatingFreezeCallback
+
+    class LM(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = tiny_llama()
+
+        def training_step(self, x: torch.Tensor, _: int) -> torch.Tensor:
+            return self.lm(input_ids=x, labels=x).loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, precision="bf16-true",
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path,
+                         callbacks=[RotatingFreezeCallback(switch_every=1)])
+    data = torch.utils.data.DataLoader([batch(i)[0] for i in range(4)], batch_size=2)
+    with pytest.raises(TorchfreezeError, match="precision='bf16-mixed', not 'bf16-true'"):
+        trainer.fit(LM(), data)
+
+
 def test_load_state_dict_refuses_other_settings_and_other_objects() -> None:
     *_, rot = build()
     sd = rot.state_dict()

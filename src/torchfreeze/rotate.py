@@ -136,7 +136,9 @@ class RotatingFreeze:
     Raises:
         TorchfreezeError: an option is out of range, ``active`` is not below the
             number of groups, the optimizer lacks a rotating parameter, or a
-            rotating parameter is not float32/float64. Nothing is changed.
+            rotating parameter is not float32/float64 (bfloat16 weights: keep them
+            in float32 and train under autocast; the message says how). Nothing is
+            changed.
 
     Example:
         >>> import torch, torch.nn as nn, torchfreeze as tfz
@@ -209,15 +211,19 @@ class RotatingFreeze:
                 "over every parameter before freezing anything, e.g. "
                 "torch.optim.AdamW(model.parameters(), lr=...). Nothing was changed."
             )
-        low = sorted({str(idx.params[n].dtype) for n in rotating
-                      if idx.params[n].dtype not in _TRAINABLE_DTYPES})
-        if low:
+        low_names = [n for n in rotating if idx.params[n].dtype not in _TRAINABLE_DTYPES]
+        if low_names:
+            low = sorted({str(idx.params[n].dtype) for n in low_names})
             raise TorchfreezeError(
-                f"rotating parameters are {', '.join(low)}: updating them in place loses "
-                "every step smaller than their resolution, and RotatingFreeze keeps no float32 "
-                "master copy. Load the model in float32 (from_pretrained(..., "
-                "dtype=torch.float32), or model.float()) and run the forward under "
-                "torch.autocast(device_type, dtype=torch.bfloat16). Nothing was changed."
+                f"rotating parameters are {', '.join(low)}: {len(low_names)} of them "
+                f"({', '.join(low_names[:2])}{', ...' if len(low_names) > 2 else ''}). "
+                "Updating them in place loses every step smaller than their resolution, and "
+                "RotatingFreeze keeps no float32 master copy. Keep the weights in float32 "
+                "and compute in bfloat16: load with from_pretrained(..., dtype=torch.float32) "
+                "or call model.float() before building the optimizer, and run the forward "
+                "under torch.autocast(device_type, dtype=torch.bfloat16) (Lightning: "
+                "precision='bf16-mixed', not 'bf16-true'; the Hugging Face Trainer: "
+                "bf16=True with a float32 model). Nothing was changed."
             )
         self.model = model
         self.optimizer = optimizer
