@@ -173,9 +173,13 @@ def test_unsupported_strategy_is_refused(tmp_path):
     cb = FreezeCallback(freeze="model.conv1")
     fake = SimpleNamespace(strategy=FSDPStrategy())
     module = Classifier()
-    with pytest.raises(TorchfreezeError, match="FSDPStrategy strategy"):
+    with pytest.raises(TorchfreezeError, match="FreezeCallback does not support the FSDPStrategy"):
         cb.setup(fake, module, "fit")
     assert all(p.requires_grad for p in module.parameters())
+    from torchfreeze.integrations.lightning import RotatingFreezeCallback
+
+    with pytest.raises(TorchfreezeError, match="^RotatingFreezeCallback does not support the FSDP"):
+        RotatingFreezeCallback().setup(fake, module, "fit")
 
 
 def test_bad_options_are_refused():

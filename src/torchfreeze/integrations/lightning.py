@@ -119,7 +119,7 @@ class FreezeCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        _check_strategy(trainer.strategy)
+        _check_strategy(trainer.strategy, type(self).__name__)
         self._plan.validate(pl_module)
         self._module = pl_module
         self.unfreezer = None
@@ -240,14 +240,14 @@ def _check_state(state: Any, milestones: list[int]) -> None:
         )
 
 
-def _check_strategy(strategy: Any) -> None:
+def _check_strategy(strategy: Any, who: str) -> None:
     names = [c.__name__ for c in type(strategy).__mro__]
     bad = next((n for n in names if n in _UNSUPPORTED), None)
     ok = any(n in ("SingleDeviceStrategy", "DDPStrategy") for n in names)
     if bad is not None or not ok or getattr(strategy, "restore_checkpoint_after_setup", False):
         raise TorchfreezeError(
-            f"FreezeCallback does not support the {type(strategy).__name__} strategy: it shards "
-            "parameters or owns the optimizer, so changing requires_grad and adding param groups "
+            f"{who} does not support the {type(strategy).__name__} strategy: it shards "
+            "parameters or owns the optimizer, so changing requires_grad and the optimizer "
             "during training would desynchronise it. Supported: a single device and "
             "DDPStrategy ('ddp'). For FSDP2 in your own loop, freeze before fully_shard "
             "(see torchfreeze.distributed)."
@@ -317,7 +317,7 @@ class AutoFreezeCallback(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            _check_strategy(trainer.strategy)
+            _check_strategy(trainer.strategy, type(self).__name__)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pending, self._pending = self._pending, None
@@ -413,7 +413,7 @@ class RotatingFreezeCallback(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            _check_strategy(trainer.strategy)
+            _check_strategy(trainer.strategy, type(self).__name__)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from ..rotate import RotatingFreeze
