@@ -62,6 +62,7 @@ __all__ = [
     "remove_ddp_autograd_hooks",
     "storage_key",
     "supported_torch",
+    "tensor_version",
     "unsupported",
     "version_and_grad",
     "wrapped_child",
@@ -245,6 +246,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 #: in-place writes (optimizer steps, ``copy_``, ``load_state_dict``); the cache reads it
 #: for every watched tensor on every batch.
 version_and_grad = operator.attrgetter("_version", "requires_grad")
+#: ``tensor._version`` alone, for ``map`` over many tensors (no tuple per tensor)
+tensor_version = operator.attrgetter("_version")
 
 
 def child_modules(module: nn.Module) -> dict[str, nn.Module]:

@@ -165,6 +165,8 @@ class _Keys:
             state.lineage.__enter__()
             state.random.__enter__()
         cache._pass = state
+        if not cache._feeders:
+            return cache
         try:
             for feeder in cache._feeders:
                 if not feeder.closed and feeder._pass is None:
@@ -177,9 +179,10 @@ class _Keys:
         return cache
 
     def __exit__(self, *exc: object) -> None:
-        for keys in reversed(self.feeders):
-            keys.__exit__()
-        self.feeders = []
+        if self.feeders:
+            for keys in reversed(self.feeders):
+                keys.__exit__()
+            self.feeders = []
         cache, state = self.cache, self.state
         if state.segment is not None and state.segment.detector is not None:
             state.segment.detector.__exit__(None, None, None)  # the model raised mid-way
@@ -872,9 +875,16 @@ class FeatureCache:
         seg = state.segment or self._begin(state, args, kwargs, first_is_boundary=False)
         key = id(patch.module)
         if seg.replay:
+            # every batch, once per prefix module: _recorded_call inlined
             state.replayed = True
-            spec = self._recorded_call(seg, patch.module)
-            return spec.placeholders(state.n, self._clock, self._name_of(patch.module))
+            k = seg.calls.get(key, 0)
+            seg.calls[key] = k + 1
+            assert seg.ns.prefix_specs is not None
+            specs = seg.ns.prefix_specs.get(key, ())
+            if k >= len(specs):
+                raise self._other_path_error(patch.module, k, len(specs))
+            return specs[k].placeholders(state.n, self._clock, self._prefix_names.get(key) or
+                                         describe(patch.module))
         seg.running = repr(self._name_of(patch.module))
         if seg.miss_index is not None:
             spec = self._recorded_call(seg, patch.module)
@@ -894,13 +904,16 @@ class FeatureCache:
         assert seg.ns.prefix_specs is not None
         specs = seg.ns.prefix_specs.get(key, [])
         if k >= len(specs):
-            raise CacheError(
-                f"Prefix module {self._name_of(module)!r} of FeatureCache(upto="
-                f"{self.upto!r}) was called {k + 1} times in this batch but {len(specs)} "
-                "when its entries were stored: the model takes another path now. clear() "
-                "the cache, or cache a prefix that always runs the same way."
-            )
+            raise self._other_path_error(module, k, len(specs))
         return specs[k]
+
+    def _other_path_error(self, module: nn.Module, k: int, recorded: int) -> CacheError:
+        return CacheError(
+            f"Prefix module {self._name_of(module)!r} of FeatureCache(upto="
+            f"{self.upto!r}) was called {k + 1} times in this batch but {recorded} "
+            "when its entries were stored: the model takes another path now. clear() "
+            "the cache, or cache a prefix that always runs the same way."
+        )
 
     def _missing_rows(self, seg: _Segment, patch: PatchedForward, args: tuple[Any, ...],
                       kwargs: dict[str, Any], spec: PrefixSpec, batch: int) -> Any:
@@ -934,13 +947,15 @@ class FeatureCache:
                    for leaf in spec.leaves)
 
     def _check_signature(self, ns: _Namespace, args: tuple[Any, ...],
-                         kwargs: dict[str, Any], first: str) -> None:
+                         kwargs: dict[str, Any], first_is_boundary: bool) -> None:
         """The signature guard: the prefix is called as when the namespace's entries were
         stored (shapes past the batch dim, dtypes, devices, plain arguments), or refused."""
         now = guards.signature(args, kwargs)
         if ns.signature is None:
             ns.signature = now
-        else:
+        elif now != ns.signature:
+            first = ("the boundary " + repr(self._boundary_name or describe(self._boundary))
+                     if first_is_boundary else "the prefix (its first module)")
             guards.check_signature(first, ns.signature, now, path=self.path)
 
     def _where_running(self) -> str | None:
@@ -983,9 +998,7 @@ class FeatureCache:
         if ns is None:
             ns = self._namespaces[key] = self._new_namespace(key)
         if state.discovery is None:
-            self._check_signature(ns, args, kwargs, "the boundary " + repr(
-                self._boundary_name or describe(self._boundary)) if first_is_boundary else
-                "the prefix (its first module)")
+            self._check_signature(ns, args, kwargs, first_is_boundary)
         slots = None
         replay = False
         if ns.storage is not None:
@@ -1334,7 +1347,8 @@ class FeatureCache:
         if self._structure != _registrations.count:
             # a parameter, buffer or module was (re)assigned somewhere: maybe here
             self._rebuild_watch()
-        guard.check_random()
+        if guard.random:
+            guard.check_random()
         if guard.changed():
             guard.check_frozen(self._boundary_name)
             self._check_fingerprint()

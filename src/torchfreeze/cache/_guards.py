@@ -45,7 +45,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .._compat import own_tensor_dicts, pytree, version_and_grad
+from .._compat import own_tensor_dicts, pytree, tensor_version, version_and_grad
 from .._random_ops import DROPOUT
 from .._random_ops import RandomOps as _RandomOps
 from ..errors import CacheError
@@ -320,7 +320,8 @@ def named_tensors(root: nn.Module) -> dict[int, str]:
 
 
 # ----------------------------------------------------------------------- watching
-_DATA_PTR = operator.methodcaller("data_ptr")
+_DATA_PTR = torch.Tensor.data_ptr  # unbound: no method lookup per tensor
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _TRAINING = operator.attrgetter("training")
 
 
@@ -376,8 +377,8 @@ class Watch:
     def changed(self) -> bool:
         """Whether any watched tensor was written, replaced or unfrozen since the last
         call (cheap: runs every batch)."""
-        key = list(map(version_and_grad, self.tensors))
-        key += map(_DATA_PTR, self.tensors)
+        ts = self.tensors  # three C-level passes, no object per tensor
+        key = [*map(tensor_version, ts), *map(_REQUIRES_GRAD, ts), *map(_DATA_PTR, ts)]
         if key == self.key:
             return False
         self.key = key
@@ -441,6 +442,9 @@ def normalize_ids(sample_ids: Any) -> tuple[IdBatch, int]:
     """A 1-D long CPU tensor for integer ids (tensors, 0-d integer tensors, numpy), a
     list for other hashables; anything that cannot name a sample by value is refused."""
     if isinstance(sample_ids, torch.Tensor):
+        if sample_ids.dtype is torch.long and sample_ids.dim() == 1 and \
+                sample_ids.device.type == "cpu":
+            return sample_ids, sample_ids.shape[0]  # the usual batch: nothing to convert
         if sample_ids.dim() != 1 or sample_ids.is_floating_point() or sample_ids.is_complex() \
                 or sample_ids.dtype == torch.bool:
             raise CacheError(

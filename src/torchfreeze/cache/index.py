@@ -61,6 +61,11 @@ class IdIndex:
     def lookup(self, ids: IdBatch) -> torch.Tensor:
         """int64 tensor ``[n]``: the slot of each id, ``-1`` where it is not stored."""
         if isinstance(ids, torch.Tensor):
+            if not self._other:
+                try:  # the usual batch: one gather, which bounds-checks (else the path below)
+                    return self._table.index_select(0, ids)
+                except (IndexError, RuntimeError):
+                    pass
             return self._lookup_tensor(ids)
         table, other, size = self._table, self._other, self._table.numel()
         out = []

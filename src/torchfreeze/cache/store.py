@@ -171,12 +171,13 @@ class SlabStore:
 
     def read(self, slots: torch.Tensor, device: torch.device | str) -> list[torch.Tensor]:
         """One ``[n, *shape]`` tensor per output, rows in the order of ``slots``, on ``device``."""
-        device = torch.device(device)
-        n = slots.numel()
+        if not isinstance(device, torch.device):
+            device = torch.device(device)
         if self._log is not None or not self._mem:
             return [self._from_disk(i, slots, device) for i in range(len(self.shapes))]
         if not self._disk_used:  # nothing spilled: every slot is a memory row (no mask)
             return [self._from_memory(i, slots, device) for i in range(len(self.shapes))]
+        n = slots.numel()
         in_mem = slots < _DISK
         if bool(in_mem.all()):
             return [self._from_memory(i, slots, device) for i in range(len(self.shapes))]
@@ -198,7 +199,9 @@ class SlabStore:
 
     def _from_memory(self, i: int, slots: torch.Tensor, device: torch.device) -> torch.Tensor:
         slab = self._mem[i]
-        if slab.device.type == "cpu" and device.type != "cpu":
+        if slab.device.type == "cpu":
+            if device.type == "cpu":  # the usual replay: one gather, no copy
+                return slab.data.index_select(0, slots)
             staged = slab.read(slots, out=self._staging(i, slots.numel(), device))
             return staged.to(device, non_blocking=True)
         return slab.read(slots).to(device)
