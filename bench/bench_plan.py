@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -47,37 +48,54 @@ def _loss(out: Any) -> torch.Tensor:
     return out.loss if getattr(out, "loss", None) is not None else out[0].float().sum()
 
 
-def measure_step(model: nn.Module, batch: dict[str, torch.Tensor], *, steps: int,
-                 warmup: int = 1) -> dict[str, float]:
-    """Median step time and the tensor bytes of a real step at the current freeze."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-6)
-    fixed = {storage_key(t) for t in (*model.parameters(), *model.buffers())}
-    saved: dict[int, int] = {}
+class Stepper:
+    """One AdamW per boundary (over what trains there), so boundaries can alternate."""
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        k = storage_key(t)
-        if k not in fixed:
-            saved.setdefault(k, t.untyped_storage().nbytes())
-        return t
+    def __init__(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                 layers: list[Any]) -> None:
+        self.model, self.batch, self.layers = model, batch, layers
+        self.opts: dict[int, torch.optim.Optimizer] = {}
+        self.times: dict[int, list[float]] = {}
+        self.memory: dict[int, dict[str, int]] = {}
+        self.fixed = {storage_key(t) for t in (*model.parameters(), *model.buffers())}
 
-    times = []
-    for i in range(warmup + steps):
-        ctx = (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if i == 0
+    def step(self, k: int, *, record: bool = True) -> float:
+        set_boundary(self.model, self.layers, k)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        first = k not in self.opts
+        if first:
+            self.opts[k] = torch.optim.AdamW(params, lr=1e-6)
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            key = storage_key(t)
+            if key not in self.fixed:
+                saved.setdefault(key, t.untyped_storage().nbytes())
+            return t
+
+        ctx = (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if first
                else contextlib.nullcontext())
         t0 = time.perf_counter()
         with ctx:
-            out = model(**batch)
+            out = self.model(**self.batch)
         _loss(out).backward()
-        opt.step()
-        if i == 0:
-            grads = sum({storage_key(p.grad): p.grad.untyped_storage().nbytes()
-                         for p in params if p.grad is not None}.values())
-        opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return {"step": statistics.median(times), "grads": grads,
-            "state": optimizer_state_bytes(opt), "activations": sum(saved.values())}
+        self.opts[k].step()
+        grads = _bytes_once([p.grad for p in params if p.grad is not None])
+        self.model.zero_grad(set_to_none=True)
+        took = time.perf_counter() - t0
+        if first:  # the first step allocates the optimizer state: memory, not time
+            self.memory[k] = {"grads": grads, "state": optimizer_state_bytes(self.opts[k]),
+                              "activations": sum(saved.values())}
+        elif record:
+            self.times.setdefault(k, []).append(took)
+        return took
+
+    def median(self, k: int) -> float:
+        return statistics.median(self.times[k])
+
+
+def _bytes_once(tensors: list[torch.Tensor]) -> int:
+    return sum({storage_key(t): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 def measure_cached(model: nn.Module, batches: list[dict[str, torch.Tensor]], upto: str,
@@ -177,23 +195,27 @@ def run_variant(model: nn.Module, data: list[dict[str, torch.Tensor]], what: str
     plan = tfz.plan(model, batch, layers=layers, epochs=epochs, batches_per_epoch=batches)
     console().print(plan)
     picks = _boundaries(len(plan.rows), boundaries)
+    st = Stepper(model, batch, layers)
+    for _ in range(steps + 1):  # round robin: the machine's noise hits every boundary alike
+        for k in picks:
+            st.step(k)
     rows = []
-    base: dict[str, float] | None = None
     for k in picks:
-        set_boundary(model, layers, k)
-        m = measure_step(model, batch, steps=steps)
-        base = base or m
-        r = plan.rows[k]
-        pred_mem = r.memory.grads + r.memory.optimizer_state + r.memory.activations
-        meas_mem = m["grads"] + m["state"] + m["activations"]
+        r, m = plan.rows[k], st.memory[k]
         cached = None
         if r.upto is not None and r.cached_speedup is not None:
-            cached = base["step"] * epochs * batches / measure_cached(model, data, r.upto,
-                                                                      epochs)
+            # against full steps taken right before and after the cached run
+            around = [st.step(0, record=False) for _ in range(2)]
+            set_boundary(model, layers, k)
+            wall = measure_cached(model, data, r.upto, epochs)
+            around += [st.step(0, record=False) for _ in range(2)]
+            cached = statistics.median(around) * epochs * batches / wall
+        pred_mem = r.memory.grads + r.memory.optimizer_state + r.memory.activations
+        meas_mem = m["grads"] + m["state"] + m["activations"]
         rows.append({
             "boundary": k, "frozen_through": r.frozen_through,
-            "pred_step_s": r.step_seconds, "meas_step_s": m["step"],
-            "pred_speedup": r.speedup, "meas_speedup": base["step"] / m["step"],
+            "pred_step_s": r.step_seconds, "meas_step_s": st.median(k),
+            "pred_speedup": r.speedup, "meas_speedup": st.median(0) / st.median(k),
             "pred_tensor_bytes": pred_mem, "meas_tensor_bytes": meas_mem,
             "pred_grads": r.memory.grads, "meas_grads": m["grads"],
             "pred_state": r.memory.optimizer_state, "meas_state": m["state"],
@@ -202,10 +224,9 @@ def run_variant(model: nn.Module, data: list[dict[str, torch.Tensor]], what: str
         })
     for p in model.parameters():
         p.requires_grad_(True)
-    assert base is not None
     return {"what": what, "epochs": epochs, "batches": batches,
-            "plan_seconds": plan.plan_seconds, "full_step_seconds": base["step"],
-            "plan_in_steps": plan.plan_seconds / base["step"], "rows": rows,
+            "plan_seconds": plan.plan_seconds, "full_step_seconds": st.median(0),
+            "plan_in_steps": plan.plan_seconds / st.median(0), "rows": rows,
             "plan": plan.to_dict()}
 
 
@@ -241,6 +262,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=4, help="batches per epoch (cached runs)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("TFZ_BENCH_THREADS", "1")))
     torch.manual_seed(0)
     results = []
     for name in args.models.split(","):

@@ -117,19 +117,53 @@ def test_a_tied_embedding_that_trains_keeps_the_prefix_backward_and_its_cache_of
     for r in p.rows[1:]:
         assert "model.embed_tokens.weight" in r.note and "cannot be cached" in r.note
         assert r.cached_step_seconds is None and r.cached_speedup is None
-    # untied: the embedding is the stem; freezing it lets the cache in
+    # untied: the embedding is the stem; freezing it (k=1) lets the cache in
     untied = tfz.plan(tiny_llama(tied=False), {"input_ids": ids, "labels": ids}, repeat=1)
-    assert all(r.note == "" for r in untied.rows)
-    assert all(r.cached_step_seconds is not None for r in untied.rows[1:])
+    assert untied.rows[1].cached_step_seconds is not None and untied.rows[1].note == ""
     assert "k=1-3: model.embed_tokens.weight" in str(p)
-    # the tied embedding and head left out of layers=: frozen at every boundary, and the
-    # blocks' prefix can be cached again
+    # the tied embedding and head left out of layers=: frozen at every boundary, so the
+    # backward stops at the boundary again
     blocks = tfz.plan(model, {"input_ids": ids, "labels": ids}, layers=tfz.layers(model)[:-1],
                       repeat=1)
     assert blocks.groups == ("model.layers.0", "model.layers.1", "model.layers.2")
     assert blocks.rows[0].trainable == sum(p.numel() for p in model.model.layers.parameters())
-    assert all(r.note == "" and r.cached_step_seconds is not None for r in blocks.rows[1:])
+    assert all("embed_tokens" not in r.note for r in blocks.rows)
+    assert blocks.rows[2].flops < p.rows[2].flops
     assert model.lm_head.weight.requires_grad  # and nothing changed
+
+
+@pytest.mark.parametrize("build,batch", [
+    (lambda: tiny_llama(tied=False), lambda: {"input_ids": bert_batch()["input_ids"],
+                                              "labels": bert_batch()["input_ids"]}),
+    (tiny_bert, bert_batch),
+    (tiny_vit, lambda: {"pixel_values": torch.randn(2, 3, 16, 16),
+                        "labels": torch.tensor([0, 2])}),
+], ids=["llama-untied", "bert", "vit"])
+def test_the_cached_columns_agree_with_what_featurecache_accepts(build, batch) -> None:
+    """Llama's rotary tables are made before layer 0 and read by every layer: a cache
+    after layer 0 would replay a prefix the rest still reads, and FeatureCache refuses."""
+    model, b = build(), batch()
+    p = tfz.plan(model, b, repeat=1)
+    verdicts = {}
+    for r in p.rows[1:]:
+        tfz.freeze_to(model, r.boundary)
+        cache = tfz.FeatureCache(model, upto=r.upto, pin_eval=True)
+        try:
+            with cache.keys(list(range(len(b["labels"])))):
+                model(**b).loss.backward()
+            verdicts[r.boundary] = True
+        except tfz.CacheError as err:
+            assert "is used by" in str(err)  # a path around the boundary
+            verdicts[r.boundary] = False
+        finally:
+            cache.close()
+            tfz.freeze_to(model, 0)
+            model.zero_grad(set_to_none=True)
+        assert (r.cached_step_seconds is not None) == verdicts[r.boundary], r.boundary
+        assert ("FeatureCache cannot replay" in r.note) == (not verdicts[r.boundary])
+    if build is not tiny_bert and build is not tiny_vit:
+        assert verdicts == {1: True, 2: False, 3: False, 4: True}
+        assert "'model.rotary_emb' is read after the boundary" in p.rows[2].note
 
 
 def test_the_model_is_exactly_as_it_was() -> None:

@@ -35,6 +35,7 @@ anything; its time columns are ``None``.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import statistics
 import time
@@ -47,8 +48,10 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._compat import own_buffers, pytree, storage_key
 from ._report import Report, fmt_count, render_text
@@ -401,25 +404,49 @@ class _OptimizerModel:
         per_element = (got[1] - got[0]) / (sizes[1] - sizes[0])
         return got[0] - per_element * sizes[0], per_element
 
-    def step_cost(self, dtype: torch.dtype, elements: int, repeat: int) -> tuple[float, float]:
-        """(seconds per element, seconds per tensor) of one step, measured."""
-        elements = max(1 << 14, min(elements, 1 << 22))
-        big = [nn.Parameter(torch.zeros(elements, dtype=dtype))]
-        small = [nn.Parameter(torch.zeros(1, dtype=dtype)) for _ in range(64)]
-        out = []
-        for ps in (big, small):
-            opt = self.factory(list(ps))
-            for p in ps:
-                p.grad = torch.ones_like(p)
-            opt.step()  # state allocation is not part of the steady-state step
-            times = []
-            for _ in range(max(3, repeat)):
-                t0 = time.perf_counter()
-                opt.step()
-                times.append(time.perf_counter() - t0)
-            out.append(statistics.median(times))
-        per_tensor = out[1] / len(small)
-        return max(out[0] - per_tensor, 0.0) / elements, per_tensor
+    def step_cost(self, dtype: torch.dtype, largest: int, repeat: int) -> _StepCost:
+        """One optimizer step measured on stand-ins: 64 one-value tensors (the cost per
+        tensor), one of 1 M values and one as large as the model's largest trainable
+        tensor (capped at 16 M values): the cost per value grows once tensors leave the
+        CPU caches, and embedding tables are the large ones."""
+        sizes = sorted({1 << 20, max(1 << 20, min(largest, 1 << 24))})
+        per_tensor = self._time([torch.zeros(1, dtype=dtype) for _ in range(64)], repeat) / 64
+        points = [(n, max(self._time([torch.zeros(n, dtype=dtype)], repeat) - per_tensor, 0.0)
+                  / n) for n in sizes]
+        return _StepCost(per_tensor, tuple(points))
+
+    def _time(self, tensors: list[torch.Tensor], repeat: int) -> float:
+        ps = [nn.Parameter(t) for t in tensors]
+        opt = self.factory(list(ps))
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt.step()  # state allocation is not part of the steady-state step
+        times = []
+        for _ in range(max(3, repeat)):
+            t0 = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class _StepCost:
+    per_tensor: float
+    points: tuple[tuple[int, float], ...] = ()  # (values, seconds per value), ascending
+
+    def seconds(self, params: Sequence[torch.Tensor]) -> float:
+        return sum(self.per_tensor + self._per_value(p.numel()) * p.numel() for p in params)
+
+    def _per_value(self, n: int) -> float:
+        if not self.points:
+            return 0.0
+        (n0, c0), (n1, c1) = self.points[0], self.points[-1]
+        if n <= n0 or n1 == n0:
+            return c0 if n <= n0 else c1
+        if n >= n1:
+            return c1
+        w = (math.log(n) - math.log(n0)) / (math.log(n1) - math.log(n0))
+        return c0 + w * (c1 - c0)
 
 
 def _optimizer_model(spec: OptimizerSpec) -> _OptimizerModel:
@@ -468,23 +495,82 @@ class _Pass:
     first_use: dict[int, int] = field(default_factory=dict)  # id(param) -> segment
     cut_bytes: dict[int, int] = field(default_factory=dict)  # k -> bytes of the cut output
     copy_seconds: dict[int, float] = field(default_factory=dict)
+    # boundary -> (prefix module whose output is read after it, the op that reads it)
+    bypass: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
-class _ParamUse(TorchFunctionMode):
-    """Records the segment in which each parameter is first used by an op."""
+class _Trace(TorchFunctionMode):
+    """The first pass's data flow, for every boundary at once.
 
-    def __init__(self, params: set[int], now: Callable[[], int], first: dict[int, int],
-                 used_in: set[int]) -> None:
+    * the segment in which each parameter is first used (and which segments have used
+      one yet);
+    * paths around a boundary, by FeatureCache's rule (``cache/_hook.py`` ``Taint``): the
+      outputs of modules that return in segment t are "prefix" for every boundary k > t,
+      except that a boundary's own output is clean for that boundary; ops pass the mark
+      on; an op in segment s >= k that reads a tensor marked for k (to produce a tensor
+      or read its values) means ``FeatureCache(upto=...)`` refuses boundary k.
+    """
+
+    def __init__(self, params: set[int], now: Callable[[], int], p: _Pass, used_in: set[int],
+                 n: int, names: Mapping[int, str]) -> None:
         super().__init__()
-        self.params, self.now, self.first, self.used_in = params, now, first, used_in
+        self.params, self.now, self.p, self.used_in = params, now, p, used_in
+        self.all_bits = (1 << n) - 1
+        self.names = names
+        self.marks: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> (bits, source)
+
+    def module_returned(self, module: nn.Module, _: Any, out: Any) -> None:
+        above = self.all_bits & ~((2 << self.now()) - 1)  # boundaries after this segment
+        name = self.names.get(id(module))
+        if name is None or not above:
+            return
+        for t in _leaves(out):  # hooks run inner to outer: the outer module names it
+            bits, _src = self.marks.get(t, (0, name))
+            self.marks[t] = (bits | above, name)
+
+    def boundary_output(self, k: int, tensors: list[torch.Tensor]) -> None:
+        for t in tensors:
+            bits, src = self.marks.get(t, (0, ""))
+            self.marks[t] = (bits & ~(1 << k), src)
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
-        for a in pytree.tree_leaves((args, kwargs or {})):
-            if isinstance(a, torch.Tensor) and id(a) in self.params:
-                self.first.setdefault(id(a), self.now())
-                self.used_in.add(self.now())
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        seg = self.now()
+        bits, src = 0, ""
+        for a in pytree.tree_leaves((args, kwargs)):
+            if not isinstance(a, torch.Tensor):
+                continue
+            if id(a) in self.params:
+                self.p.first_use.setdefault(id(a), seg)
+                self.used_in.add(seg)
+            hit = self.marks.get(a)
+            if hit is not None and hit[0]:
+                bits |= hit[0]
+                src = src or hit[1]
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", str(func))
+        if not bits or name in _METADATA_FACTORIES:
+            return out
+        produced = _leaves(out)
+        around = bits & ((2 << seg) - 1)  # marked for a boundary this segment is after
+        if around and (produced or name in _VALUE_READS):
+            for k in range(1, seg + 1):
+                if around >> k & 1:
+                    self.p.bypass.setdefault(k, (src, name))
+        for t in produced:
+            old = self.marks.get(t, (0, src))
+            self.marks[t] = (old[0] | bits, old[1] or src)
+        return out
+
+
+#: ops that read only a tensor's metadata, and ops that read its values without making a
+#: tensor: as FeatureCache's path-around-the-boundary rule counts them (cache/_hook.py)
+_METADATA_FACTORIES = frozenset({
+    "empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like",
+    "randint_like", "new_empty", "new_zeros", "new_ones", "new_full", "new_empty_strided"})
+_VALUE_READS = frozenset({"_local_scalar_dense", "is_nonzero", "equal", "allclose", "item",
+                          "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"})
 
 
 def _leaves(x: Any) -> list[torch.Tensor]:
@@ -514,9 +600,10 @@ def _default_loss(out: Any) -> torch.Tensor:
 
 class _Runner:
     def __init__(self, model: nn.Module, batch: Any, cuts: list[_Cut], n_groups: int,
-                 loss: Callable[[Any, Any], torch.Tensor] | None) -> None:
+                 loss: Callable[[Any, Any], torch.Tensor] | None,
+                 names: Mapping[int, str]) -> None:
         self.model, self.batch, self.cuts, self.n = model, batch, cuts, n_groups
-        self.loss = loss
+        self.loss, self.names = loss, names
         self.seg = 0
 
     def run(self, *, flops: bool = False, saved: bool = False, uses: set[int] | None = None,
@@ -532,6 +619,7 @@ class _Runner:
         p = _Pass(fwd=[], bwd=[])
         seen: set[int] = set()
         used_in: set[int] = set()  # segments that have used a parameter so far
+        traces: list[_Trace] = []
         counter = FlopCounterMode(display=False) if flops else None
         self.seg = 0
 
@@ -551,6 +639,8 @@ class _Runner:
             fwd_t[cut.k] = time.perf_counter()
             fwd_f[cut.k] = total_flops()
             self.seg = cut.k
+            for trace in traces:
+                trace.boundary_output(cut.k, tensors)
             if saved:
                 p.cut_bytes[cut.k] = sum(t.nbytes for t in tensors)
                 if copy_cost and tensors:
@@ -589,7 +679,10 @@ class _Runner:
             if saved:
                 stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
             if uses is not None:
-                stack.enter_context(_ParamUse(uses, lambda: self.seg, p.first_use, used_in))
+                trace = _Trace(uses, lambda: self.seg, p, used_in, n, self.names)
+                traces.append(trace)
+                stack.enter_context(trace)
+                stack.callback(register_module_forward_hook(trace.module_returned).remove)
             if not backward:
                 stack.enter_context(torch.no_grad())
             fwd_t[0] = time.perf_counter()
@@ -759,8 +852,8 @@ def plan(
     batch = _to_meta(example_batch) if meta else example_batch
     m = _measure(root, batch, cuts, group_params, loss=loss, meta=meta, repeat=repeat)
     if not meta:
-        m.per_element, m.per_tensor = opt.step_cost(
-            all_params[0].dtype, sum(p.numel() for p in all_params), repeat)
+        m.optimizer = opt.step_cost(all_params[0].dtype, max(p.numel() for p in all_params),
+                                    repeat)
     weights = _bytes_once(all_params)
     rows: list[PlanRow] = []
     for k in range(len(groups)):
@@ -797,8 +890,7 @@ class _Measured:
     bwd: list[float] | None = None
     dgrad_bwd: list[float] | None = None
     frozen_fwd: list[float] | None = None  # the forward under no_grad
-    per_element: float = 0.0  # optimizer step
-    per_tensor: float = 0.0
+    optimizer: _StepCost = field(default_factory=lambda: _StepCost(0.0))
 
 
 def _measure(root: nn.Module, batch: Any, cuts: list[_Cut],
@@ -810,7 +902,8 @@ def _measure(root: nn.Module, batch: Any, cuts: list[_Cut],
     fixed = {storage_key(t) for t in (*root.parameters(), *root.buffers())}
     with _preserved(root):
         fixed |= {storage_key(t) for t in root.buffers()}  # the stand-in copies
-        runner = _Runner(root, batch, cuts, len(group_params), loss)
+        runner = _Runner(root, batch, cuts, len(group_params), loss,
+                         ModelIndex(root).module_name)
         _set_trainable(all_params, everything)
         first = runner.run(flops=True, saved=True, uses=everything, skip=fixed,
                            copy_cost=not meta)
@@ -866,11 +959,11 @@ def _row(k: int, m: _Measured, trained: list[nn.Parameter], idx: ModelIndex,
         b = sum(m.bwd[k:])
         if through and m.dgrad_bwd is not None:
             b += sum(m.dgrad_bwd[start:k])
-        o = m.per_element * sum(p.numel() for p in trained) + m.per_tensor * len(trained)
+        o = m.optimizer.seconds(trained)
         # the frozen prefix records no graph (unless the backward runs through it)
         prefix = m.fwd if through else m.frozen_fwd
         step = sum(prefix[:k]) + sum(m.fwd[k:]) + b + o
-        if k > 0 and not through and upto is not None:
+        if k > 0 and not through and upto is not None and k not in first.bypass:
             copy = first.copy_seconds.get(k, 0.0)  # one write (epoch 1), one read a step
             cached = sum(m.fwd[k:]) + b + o + copy
             if base:
@@ -888,6 +981,10 @@ def _row(k: int, m: _Measured, trained: list[nn.Parameter], idx: ModelIndex,
         note = (f"{used[0]}{' (and more)' if len(used) > 1 else ''} trains and is used "
                 f"before the boundary: the backward runs through the frozen prefix, and "
                 f"the prefix cannot be cached")
+    elif k in first.bypass:
+        src, op = first.bypass[k]
+        note = (f"FeatureCache cannot replay this prefix: the output of {src!r} is read "
+                f"after the boundary (by {op})")
     mem = StepMemory(weights=weights, grads=_bytes_once(trained),
                      optimizer_state=opt.state_bytes(trained), activations=act)
     return PlanRow(
