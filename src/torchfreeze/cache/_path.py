@@ -15,12 +15,13 @@ import dataclasses
 import os
 import shutil
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from ..errors import CacheError
+from ._hook import OutputSpec, PrefixSpec
 from .persist import (
     StoreMeta,
     check_store_folder,
@@ -32,8 +33,18 @@ from .persist import (
     tensor_digest,
 )
 
-if TYPE_CHECKING:
-    from ._feature_cache import _Namespace
+
+class _Namespace(Protocol):
+    """What a store saves and loads of one of the cache's namespaces (its
+    ``_Namespace``: one per boundary call and autocast state)."""
+
+    key: tuple[int, Any]
+    saved: bool
+    spec: OutputSpec | None
+    prefix_specs: dict[int, list[PrefixSpec]] | None
+    shapes: list[tuple[int, ...]]
+    dtypes: list[torch.dtype]
+    signature: Any
 
 __all__ = ["PathStore", "meta_for", "namespace_folder", "recorded_prefix", "wipe_namespaces"]
 
