@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -19,6 +20,18 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``TORCHFREEZE_CACHE`` root for tests that load SmolLM2-135M: the variable's own
+    folder when set, else one folder per test session (shared by the xdist workers), so
+    the GGUF file is converted to safetensors (~10 s) once, not once per test module."""
+    root = os.environ.get("TORCHFREEZE_CACHE")
+    if root:
+        return Path(root)
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tfzcache"
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,8 @@ from torchfreeze.rotate import optimizer_state_bytes
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    import os
-
-    cache = os.environ.get("TORCHFREEZE_CACHE")
-    folder = None if cache else tmp_path_factory.mktemp("smollm2") / "model"
-    return load_smollm2(cache=folder)
+def smollm2(smollm2_cache):  # type: ignore[no-untyped-def]
+    return load_smollm2(cache=smollm2_cache / "smollm2-135m-instruct")
 
 
 def test_loads_and_answers(smollm2) -> None:  # type: ignore[no-untyped-def]

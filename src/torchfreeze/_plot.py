@@ -11,7 +11,7 @@ from .errors import TorchfreezeError
 if TYPE_CHECKING:  # pragma: no cover
     from .diff import CheckpointDiff
 
-__all__ = ["plot_demo", "plot_diff", "plot_news", "require_matplotlib"]
+__all__ = ["plot_demo", "plot_diff", "plot_llm", "plot_news", "require_matplotlib"]
 
 
 def require_matplotlib() -> Any:
@@ -171,6 +171,67 @@ def plot_news(payload: dict[str, Any], drift: dict[str, dict[str, float]],
     values = [[drift[n][k] for k in layers] for n in names]
     _drift_heatmap(fig, ax_heat, names, layers, values, zero="0", small=".0e", rotate=True,
                    title="relative weight change per layer ‖Δw‖ / ‖w₀‖ (log colour; green: frozen)")
+    if title:
+        fig.suptitle(title, fontsize=12)
+    _save(fig, path)
+
+
+_LLM_STYLES = {"zero-shot": ("tab:gray", "o"), "full": ("black", "o"),
+               "lora": ("tab:red", "s"), "freeze-last4": ("tab:green", "D"),
+               "badam": ("tab:blue", "^"), "lisa": ("tab:orange", "v")}
+
+
+def plot_llm(payload: dict[str, Any], path: str | os.PathLike[str], *, title: str = "") -> None:
+    """Accuracy against train seconds beside each strategy's training memory.
+
+    The memory bars are measured tensor bytes, stacked: the weights, the gradients
+    (at their peak) and the optimizer state (at its peak); activations and the
+    process itself are not in them (``bench/bench_llm.py`` measures peak RSS).
+
+    Args:
+        payload: the LLM demo's ``results.json`` dict (``torchfreeze.demo_llm``).
+        path: the PNG to write.
+        title: the figure's title.
+    """
+    figure_cls, _ = require_matplotlib()
+    rows = payload["strategies"]
+    fig = figure_cls(figsize=(14, 5.4), layout="constrained")
+    ax_acc, ax_mem = fig.subplots(1, 2, width_ratios=[1.2, 1])
+    for r in rows:
+        color, marker = _LLM_STYLES.get(r["name"], (None, "x"))
+        if not r["steps"]:
+            ax_acc.axhline(100 * r["accuracy"], color=color, linestyle=":", linewidth=1.2,
+                           label=f"{r['name']} ({100 * r['accuracy']:.0f}%)")
+            continue
+        xs = [s for s, _ in r["curve"]]
+        ys = [100 * a for _, a in r["curve"]]
+        ax_acc.plot(xs, ys, marker=marker, color=color, linewidth=1.8,
+                    label=f"{r['name']} ({ys[-1]:.0f}%)")
+    ax_acc.set_xlabel("train seconds (evaluation excluded)")
+    ax_acc.set_ylabel(f"accuracy on {payload['test_samples']} held-out articles (%)")
+    ax_acc.set_title("accuracy against train seconds")
+    ax_acc.grid(alpha=0.3)
+    ax_acc.legend(loc="best", fontsize=9)
+
+    names = [r["name"] for r in rows]
+    mib = 2.0**20
+    parts = [("weights", "weight_bytes", "#c9c9c9"), ("gradients", "grad_bytes", "tab:orange"),
+             ("optimizer state", "state_bytes", "tab:blue")]
+    left = [0.0] * len(rows)
+    for label, key, color in parts:
+        values = [r[key] / mib for r in rows]
+        ax_mem.barh(range(len(rows)), values, left=left, color=color, label=label)
+        left = [a + b for a, b in zip(left, values)]
+    for i, (total, r) in enumerate(zip(left, rows)):
+        ax_mem.annotate(f"{total:.0f} MiB (state {r['state_bytes'] / mib:.0f})", (total, i),
+                        textcoords="offset points", xytext=(4, -3), fontsize=8)
+    ax_mem.set_yticks(range(len(rows)), labels=names)
+    ax_mem.invert_yaxis()
+    ax_mem.set_xlabel("MiB, measured tensor bytes (activations not included)")
+    ax_mem.set_title("training memory: weights + gradients + AdamW state (peaks)")
+    ax_mem.margins(x=0.3)
+    ax_mem.grid(axis="x", alpha=0.3)
+    ax_mem.legend(loc="lower right", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=12)
     _save(fig, path)
