@@ -178,7 +178,8 @@ def plot_news(payload: dict[str, Any], drift: dict[str, dict[str, float]],
 
 _LLM_STYLES = {"zero-shot": ("tab:gray", "o"), "full": ("black", "o"),
                "lora": ("tab:red", "s"), "freeze-last4": ("tab:green", "D"),
-               "badam": ("tab:blue", "^"), "lisa": ("tab:orange", "v")}
+               "badam": ("tab:blue", "^"), "lisa": ("tab:orange", "v"),
+               "badam-keep": ("tab:cyan", "^")}
 
 
 def plot_llm(payload: dict[str, Any], path: str | os.PathLike[str], *, title: str = "") -> None:
@@ -217,9 +218,11 @@ def plot_llm(payload: dict[str, Any], path: str | os.PathLike[str], *, title: st
     mib = 2.0**20
     parts = [("weights", "weight_bytes", "#c9c9c9"), ("gradients", "grad_bytes", "tab:orange"),
              ("optimizer state", "state_bytes", "tab:blue")]
+    if any(r.get("stash_bytes") for r in rows):
+        parts.append(("state kept in host (state='keep')", "stash_bytes", "tab:cyan"))
     left = [0.0] * len(rows)
     for label, key, color in parts:
-        values = [r[key] / mib for r in rows]
+        values = [r.get(key, 0) / mib for r in rows]
         ax_mem.barh(range(len(rows)), values, left=left, color=color, label=label)
         left = [a + b for a, b in zip(left, values)]
     for i, (total, r) in enumerate(zip(left, rows)):

@@ -371,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
             "tokens, 10 test articles, no LoRA, well under a minute), with:\n"
             "  zero-shot, full, lora (needs peft), freeze-last4, badam, lisa\n"
             "  (badam, lisa: tfz.RotatingFreeze, BAdam's and LISA's block rotation)\n"
+            "  and on request badam-keep (BAdam with state='keep': the AdamW state of the\n"
+            "  layers that left waits in host memory; a 'kept in host' column)\n"
             "Prints a table (trainable parameters, optimizer state and its ratio to full's,\n"
             "s/step, accuracy, verify's verdict); writes results.json and demo.png.\n"
             "Needs the demo extra: pip install 'torchfreeze[demo]'."

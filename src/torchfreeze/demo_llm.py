@@ -19,7 +19,8 @@ from the rest.
 **The strategies** (``STRATEGIES``; one ``train_strategy`` each, all
 with AdamW and the same data): ``zero-shot``, ``full`` fine-tuning, ``lora``
 (peft, r = 16 on the attention projections), ``freeze-last4`` (LLaMA-Factory's
-freeze-tuning), ``badam`` and ``lisa`` (:class:`torchfreeze.RotatingFreeze`).
+freeze-tuning), ``badam`` and ``lisa`` (:class:`torchfreeze.RotatingFreeze`); on
+request (not in the default run) ``badam-keep``, BAdam with ``state="keep"``.
 Each row reports the optimizer-state bytes (measured with
 :func:`torchfreeze.rotate.optimizer_state_bytes`, at their peak), gradient and
 weight bytes, the median step time, the accuracy curve against train seconds,
@@ -33,7 +34,7 @@ imported inside the functions that need them.
 Example:
     >>> from torchfreeze.demo_llm import STRATEGIES, DEFAULT
     >>> list(STRATEGIES)
-    ['zero-shot', 'full', 'lora', 'freeze-last4', 'badam', 'lisa']
+    ['zero-shot', 'full', 'lora', 'freeze-last4', 'badam', 'lisa', 'badam-keep']
     >>> DEFAULT.steps, DEFAULT.batch_size, DEFAULT.prompt_tokens, DEFAULT.test
     (24, 4, 48, 100)
 """
@@ -60,6 +61,7 @@ from .errors import TorchfreezeError
 
 __all__ = [
     "DEFAULT",
+    "DEFAULT_STRATEGIES",
     "MODEL",
     "QUICK",
     "QUICK_STRATEGIES",
@@ -311,7 +313,12 @@ STRATEGIES: dict[str, str] = {
     "freeze-last4": "LLaMA-Factory's freeze-tuning: the last 4 layers + final norm",
     "badam": "tfz.RotatingFreeze descending, 1 of 30 layers at a time (BAdam)",
     "lisa": "tfz.RotatingFreeze random, 2 layers + always embeddings and norm (LISA)",
+    "badam-keep": "badam with state='keep': a layer's AdamW state waits in host memory "
+                  "until it returns (on request only)",
 }
+#: the strategies run when none are named (``badam-keep`` only on request: it trains
+#: bit-identically to ``badam`` until a layer returns, after 30 blocks)
+DEFAULT_STRATEGIES = ("zero-shot", "full", "lora", "freeze-last4", "badam", "lisa")
 #: ``--quick``'s strategies (LoRA is left out: importing peft costs more than the run)
 QUICK_STRATEGIES = ("zero-shot", "full", "freeze-last4", "badam", "lisa")
 
@@ -321,14 +328,15 @@ def _has_peft() -> bool:
 
 
 def select_strategies(names: Sequence[str] | None, *, quick: bool = False) -> list[str]:
-    """Validate strategy names (default: all, LoRA only with peft; ``quick``: fewer).
+    """Validate strategy names (default: ``DEFAULT_STRATEGIES``, LoRA only with peft;
+    ``quick``: ``QUICK_STRATEGIES``).
 
     Raises:
         TorchfreezeError: an unknown name (with the closest one), or ``lora``
             without peft installed.
     """
     if names is None:
-        chosen = list(QUICK_STRATEGIES if quick else STRATEGIES)
+        chosen = list(QUICK_STRATEGIES if quick else DEFAULT_STRATEGIES)
         return [n for n in chosen if n != "lora" or _has_peft()]
     unknown = [n for n in names if n not in STRATEGIES]
     if unknown or not names:
@@ -370,9 +378,10 @@ def _build(name: str, model: Any, recipe: LLMRecipe) -> tuple[Any, torch.optim.O
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rot = None
-    if name == "badam":
+    if name in ("badam", "badam-keep"):
         rot = tfz.RotatingFreeze(model, opt, order="descending", switch_every=recipe.switch,
-                                 layers=[f"model.layers.{i}" for i in range(NUM_LAYERS)])
+                                 layers=[f"model.layers.{i}" for i in range(NUM_LAYERS)],
+                                 state="keep" if name == "badam-keep" else "fresh")
     if name == "lisa":
         rot = tfz.RotatingFreeze(model, opt, order="random", active=2,
                                  switch_every=recipe.switch,
@@ -429,6 +438,9 @@ class LLMRow:
         events: the rotation's ``(step, active groups)`` switches.
         peak_rss_mib: the process's peak resident memory so far (its own only when
             the strategy runs in a fresh process, as in bench/bench_llm.py).
+        stash_bytes: ``state="keep"``: the rotation's optimizer state waiting in host
+            memory (``rot.stash_bytes``), at its peak; 0 otherwise. On a CPU the host
+            is the device, so it adds to ``state_bytes`` in the same RAM.
     """
 
     name: str
@@ -450,6 +462,7 @@ class LLMRow:
     moved: list[str]
     events: list[list[Any]] = field(default_factory=list)
     peak_rss_mib: float | None = None
+    stash_bytes: int = 0
 
 
 def _peak_rss_mib() -> float | None:
@@ -491,7 +504,7 @@ def train_strategy(
     zero = _accuracy(model, data) if initial is None else initial
     curve: list[list[float]] = [[0.0, zero]]
     times: list[float] = []
-    grad_bytes = state_bytes = trainable = 0
+    grad_bytes = state_bytes = stash_bytes = trainable = 0
     trained: set[str] = set()
     steps = 0 if name == "zero-shot" else recipe.steps
     frozen = any(not p.requires_grad for p in model.parameters())
@@ -520,6 +533,7 @@ def train_strategy(
             state_bytes = max(state_bytes, _state_bytes(opt))
             if rot is not None:
                 rot.step()
+                stash_bytes = max(stash_bytes, rot.stash_bytes)
             opt.zero_grad()
             times.append(time.perf_counter() - t0)
             clock += times[-1]
@@ -544,7 +558,7 @@ def train_strategy(
         grad_bytes=grad_bytes, state_bytes=state_bytes, verify=verdict,
         trained=sorted(trained, key=_group_order), moved=moved,
         events=[[s, list(names)] for s, names in rot.events] if rot is not None else [],
-        peak_rss_mib=_peak_rss_mib(),
+        peak_rss_mib=_peak_rss_mib(), stash_bytes=stash_bytes,
     )
 
 
@@ -593,6 +607,7 @@ def _table(rows: Sequence[LLMRow], recipe: LLMRecipe) -> Any:
     from rich.table import Table
 
     full = next((r for r in rows if r.name == "full"), None)
+    stash = any(r.stash_bytes for r in rows)  # state="keep": a column for its host copy
     table = Table(
         title=(f"{MODEL} ({fmt_count(rows[0].pretrained_params)} parameters), BBC News "
                f"topic as the next word: {recipe.steps} steps x {recipe.batch_size} articles, "
@@ -601,10 +616,16 @@ def _table(rows: Sequence[LLMRow], recipe: LLMRecipe) -> Any:
         caption=("trainable: parameters training at once (rotations: the active block + "
                  "always); optimizer state: AdamW's bytes at their peak, measured; vs full: "
                  "that / full's; s/step: median (evaluation excluded); accuracy: the five "
-                 "topic words scored at the prompt's end"),
+                 "topic words scored at the prompt's end"
+                 + ("; kept in host: with state='keep', the AdamW state of the layers "
+                    "that left, in host memory, at its peak (on a CPU, the same RAM)"
+                    if stash else "")),
         caption_justify="left")
-    for col in ("strategy", "trainable", "optimizer state", "vs full", "grads", "s/step",
-                "train s", "accuracy", "frozen parts (verify)"):
+    cols = ["strategy", "trainable", "optimizer state", "vs full", "grads", "s/step",
+            "train s", "accuracy", "frozen parts (verify)"]
+    if stash:
+        cols.insert(3, "kept in host")
+    for col in cols:
         table.add_column(col, justify="left" if col in ("strategy", "frozen parts (verify)")
                          else "right")
     for r in rows:
@@ -616,12 +637,14 @@ def _table(rows: Sequence[LLMRow], recipe: LLMRecipe) -> Any:
             verdict = f"[green]ok[/] ({r.verify['frozen_tensors']} tensors bit-identical)"
         else:
             verdict = f"[bold red]CHANGED[/] {', '.join(r.verify['changed'][:2])}"
-        table.add_row(
-            r.name, fmt_count(r.trainable_params) if r.steps else "0",
-            _mib(r.state_bytes), ratio, _mib(r.grad_bytes),
-            "-" if r.s_per_step is None else f"{r.s_per_step:.2f}",
-            f"{r.train_seconds:.1f}" if r.steps else "-",
-            f"{100 * r.accuracy:.0f}%", verdict)
+        cells = [r.name, fmt_count(r.trainable_params) if r.steps else "0",
+                 _mib(r.state_bytes), ratio, _mib(r.grad_bytes),
+                 "-" if r.s_per_step is None else f"{r.s_per_step:.2f}",
+                 f"{r.train_seconds:.1f}" if r.steps else "-",
+                 f"{100 * r.accuracy:.0f}%", verdict]
+        if stash:
+            cells.insert(3, _mib(r.stash_bytes))
+        table.add_row(*cells)
     return table
 
 
