@@ -39,7 +39,7 @@ def tiny_convnext() -> nn.Module:
 
 
 class TinyResNet(nn.Module):
-    """torchvision-ResNet-shaped: conv1/bn1 stem, layer1..layer4, fc (seed 000's model)."""
+    """torchvision-ResNet-shaped: conv1/bn1 stem, layer1..layer4, fc (freeze the backbone)."""
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
@@ -60,7 +60,7 @@ class TinyResNet(nn.Module):
 
 
 def conv_net() -> nn.Sequential:
-    """stem (conv+BN) -> block (conv+BN) -> head: seed 003's shape."""
+    """stem (conv+BN) -> block (conv+BN) -> head."""
     net = nn.Sequential()
     net.add_module("stem", nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4),
                                          nn.ReLU()))

@@ -1,9 +1,9 @@
 """tfz.check: every code has a test that triggers it and one that does not.
 
-The seeds' own bugs are pinned: seed 001's ``no_grad`` (no-grad-reached naming
-lin0), seed 002's ``{"requires_grad": False}`` group (ignored-group-key) and
-seed 003's hand-frozen block under Adam (frozen-in-optimizer, stale-grad,
-bn-stats-drift).
+The common hand-freezing bugs are pinned: ``torch.no_grad()`` around a middle layer
+(no-grad-reached naming lin0), a ``{"requires_grad": False}`` param group
+(ignored-group-key) and a block frozen by hand under Adam (frozen-in-optimizer,
+stale-grad, bn-stats-drift).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ._models import TinyResNet, conv_net, snapshot, tiny_bert
 
 
 class Seed001NoGrad(nn.Module):
-    """Seed 001: lin1 'frozen' by running it under torch.no_grad()."""
+    """lin1 "frozen" by running it under torch.no_grad() (a common hand-freezing mistake)."""
 
     def __init__(self, use_no_grad: bool = True) -> None:
         super().__init__()
@@ -49,7 +49,7 @@ class Seed001NoGrad(nn.Module):
 
 
 class Seed002(nn.Module):
-    """Seed 002: a raw nn.Parameter model (optionally detaching weight in forward)."""
+    """A model of raw nn.Parameters (optionally detaching a weight in forward)."""
 
     def __init__(self, detach: bool = False) -> None:
         super().__init__()
@@ -167,7 +167,7 @@ def test_every_documented_code_is_known() -> None:
 # no-grad-reached
 
 
-def test_seed001_no_grad_names_lin0() -> None:
+def test_no_grad_names_lin0() -> None:
     model = Seed001NoGrad()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     F.cross_entropy(model(torch.randn(1, 1)), torch.tensor([3])).backward()
@@ -179,7 +179,7 @@ def test_seed001_no_grad_names_lin0() -> None:
     assert 'tfz.freeze(model, "<that module>")' in f.fix
 
 
-def test_seed001_requires_grad_false_reaches_lin0() -> None:
+def test_requires_grad_false_reaches_lin0() -> None:
     model = Seed001NoGrad(use_no_grad=False)
     tfz.freeze(model, "lin1")
     opt = torch.optim.SGD(tfz.param_groups(model, lr=0.01), lr=0.01)
@@ -257,7 +257,7 @@ def test_minilm_unused_pooler_is_no_grad_reached() -> None:
 # ignored-group-key
 
 
-def test_seed002_requires_grad_group_key() -> None:
+def test_requires_grad_group_key() -> None:
     model = Seed002()
     opt = torch.optim.SGD([{"params": model.bias},
                            {"params": model.weight, "requires_grad": False}], lr=0.01)
@@ -272,7 +272,7 @@ def test_seed002_requires_grad_group_key() -> None:
     assert not torch.equal(w0, model.weight)
 
 
-def test_seed002_done_right_has_no_group_key_finding() -> None:
+def test_done_right_has_no_group_key_finding() -> None:
     model = Seed002()
     tfz.freeze(model, "weight")
     opt = torch.optim.SGD(tfz.param_groups(model, lr=0.01))
@@ -306,15 +306,15 @@ def test_scheduler_keys_and_torchfreeze_names_are_not_ignored_keys() -> None:
 
 
 # ---------------------------------------------------------------------------
-# frozen-in-optimizer, stale-grad (seed 003)
+# frozen-in-optimizer, stale-grad
 
 
-def test_seed003_adam_over_all_then_hand_freeze() -> None:
+def test_adam_over_all_then_hand_freeze() -> None:
     net = conv_net()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     step(net, opt, set_to_none=False)
     step(net)
-    for p in net.block.parameters():  # seed 003: requires_grad=False by hand
+    for p in net.block.parameters():  # requires_grad=False by hand, after Adam's first step
         p.requires_grad = False
     opt.zero_grad(set_to_none=False)
     net.train()

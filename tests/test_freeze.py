@@ -38,7 +38,7 @@ def images(n: int = 8, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 3, 8, 8), torch.randint(0, classes, (n,))
 
 
-def test_seed000_freeze_all_train_fc_only_changes_fc() -> None:
+def test_freeze_all_train_fc_only_changes_fc() -> None:
     model = TinyResNet()
     tfz.freeze(model)
     tfz.unfreeze(model, "fc")
@@ -48,7 +48,7 @@ def test_seed000_freeze_all_train_fc_only_changes_fc() -> None:
     assert changed(before, model) == {"fc.weight", "fc.bias"}
 
 
-def test_seed001_middle_layer_frozen_others_train() -> None:
+def test_middle_layer_frozen_others_train() -> None:
     model = nn.Sequential()
     for i, (a, b) in enumerate([(4, 8), (8, 8), (8, 2)]):
         model.add_module(f"lin{i}", nn.Linear(a, b))
@@ -59,7 +59,7 @@ def test_seed001_middle_layer_frozen_others_train() -> None:
     assert changed(before, model) == {"lin0.weight", "lin0.bias", "lin2.weight", "lin2.bias"}
 
 
-def test_seed002_raw_parameter_attribute_frozen_alone() -> None:
+def test_raw_parameter_attribute_frozen_alone() -> None:
     class Scale(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -92,7 +92,7 @@ def test_freeze_clears_grads_so_adam_with_zero_grads_cannot_move_them() -> None:
     assert not {k for k in changed(before, model) if k.startswith("layer1.")}
 
 
-def test_seed003_frozen_bn_stays_eval_through_model_train() -> None:
+def test_frozen_bn_stays_eval_through_model_train() -> None:
     model = TinyResNet()
     tfz.freeze(model, "bn1", "layer1")
     model.train()

@@ -1,4 +1,4 @@
-"""Hard cases a user hits (issue #12): empty selections, buffers and foreign objects,
+"""Hard cases a user hits: empty selections, buffers and foreign objects,
 wrapped models, no_decay by name, misspelt option keys, group names, tied weights."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hard cases with checkpoint files and the CLI (issue #12): `torchfreeze diff` aligns
+"""Hard cases with checkpoint files and the CLI: `torchfreeze diff` aligns
 names like load_pretrained, argument orders, non-checkpoint files, 80-column
 reports, and load_pretrained split into planning and applying."""
 

@@ -48,15 +48,15 @@ def trained_resnet(num_classes: int) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------
-# seed 004 and nested checkpoints
+# a new head, and nested checkpoints
 
 
-def test_seed004_ten_classes_into_five(tmp_path) -> None:
+def test_ten_classes_into_five(tmp_path) -> None:
     old = trained_resnet(10)
     torch.save(old.state_dict(), tmp_path / "net_params.pkl")
     new = TinyResNet(num_classes=5)
     fc_before = (new.fc.weight.clone(), new.fc.bias.clone())
-    # what seed 004 runs into: strict=False does not help with a new head
+    # strict=False does not help with a new head
     with pytest.raises(RuntimeError, match="size mismatch"):
         TinyResNet(num_classes=5).load_state_dict(old.state_dict(), strict=False)
 

@@ -1,7 +1,7 @@
 """The project's text speaks of the library, not of how it was made.
 
-README, docs, changelog, the package's docstrings and comments, the benchmarks and
-the examples must not cite the project's own tracker or work log ("issue 16's
+README, docs, changelog, the package's docstrings and comments, the tests, the
+benchmarks and the examples must not cite the project's own tracker or work log ("issue 16's
 targets", "seed 004's model", "what fits this session"): a reader has none of it.
 References to other projects' issues stay (``LMFlow #726``,
 ``Lightning-AI/pytorch-lightning#15062``): they name the other project.
@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FILES = sorted({*ROOT.glob("*.md"), *(ROOT / "docs").rglob("*.md"),
                 *(ROOT / "src").rglob("*.py"), *(ROOT / "bench").rglob("*.py"),
                 *(ROOT / "examples").rglob("*.py"), ROOT / "mkdocs.yml", ROOT / "Makefile",
-                ROOT / "pyproject.toml"})
+                ROOT / "pyproject.toml",
+                *(p for p in (ROOT / "tests").glob("*.py") if p.name != Path(__file__).name)})
 PATTERNS = {
     "a tracker reference (issue 16, issue #12, PR 3)":
         re.compile(r"\b(issues?|PRs?|pull requests?|tickets?)\s*#?\d+", re.I),

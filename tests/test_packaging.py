@@ -1,4 +1,4 @@
-"""The build stays warning-free (issue #12: the license table form of pyproject.toml
+"""The build stays warning-free (the license table form of pyproject.toml
 stops building on 2027-02-18), and every multi-process teardown waits on a barrier."""
 
 from __future__ import annotations

@@ -189,7 +189,7 @@ def test_fine_tune_schedule_head_first_then_discriminative() -> None:
     head = {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight",
             "classifier.bias"}
     assert {n for n, p in model.named_parameters() if p.requires_grad} == head
-    assert {g["lr"] for g in ft.optimizer.param_groups} == {1e-3}  # seed 004: 10x for the head
+    assert {g["lr"] for g in ft.optimizer.param_groups} == {1e-3}  # 10x for the head
     ids = torch.randint(0, 100, (4, 8))
     labels = torch.tensor([0, 1, 2, 0])
     body_before = {n: p.detach().clone() for n, p in model.named_parameters() if n not in head}

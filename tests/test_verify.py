@@ -52,14 +52,14 @@ def _frozen_bytes(model: nn.Module, bn: str) -> dict[str, bytes]:
 
 
 # ---------------------------------------------------------------------------
-# seed 003 and the right way
+# freezing by hand under Adam, and the right way
 
 
-def test_seed003_hand_freeze_under_adam_moves_the_block() -> None:
+def test_hand_freeze_under_adam_moves_the_block() -> None:
     net = conv_net()
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     train_steps(net, opt, 1, set_to_none=False)
-    for p in net.block.parameters():  # seed 003: requires_grad=False by hand
+    for p in net.block.parameters():  # requires_grad=False by hand, after Adam's first step
         p.requires_grad = False
     opt.zero_grad(set_to_none=False)
     diag = tfz.check(net, opt)
@@ -78,7 +78,7 @@ def test_seed003_hand_freeze_under_adam_moves_the_block() -> None:
     assert "block.0.weight" in text and "block.1.running_mean" in text
 
 
-def test_seed003_strict_raises_naming_the_tensors() -> None:
+def test_strict_raises_naming_the_tensors() -> None:
     net = conv_net()
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     train_steps(net, opt, 1, set_to_none=False)
