@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import json
 import os
@@ -307,14 +306,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             raise TorchfreezeError("--quick is for the bbc-news and llm tasks; the digits task "
                                    "is quick.")
         if strategies is not None:
-            unknown = [s for s in strategies if s not in STRATEGIES]
-            if unknown or not strategies:
-                close = difflib.get_close_matches(unknown[0], STRATEGIES, n=1) if unknown else []
-                raise TorchfreezeError(
-                    f"--strategies: unknown strategy {', '.join(map(repr, unknown)) or '(none)'}"
-                    + (f" (did you mean {close[0]!r}?)" if close else "")
-                    + f". Choose from: {', '.join(STRATEGIES)}."
-                )
+            from ._choices import check_choices
+
+            check_choices(strategies, list(STRATEGIES), where="--strategies: ")
         run_demo(epochs=args.epochs or 4, strategies=strategies, out=args.out, seed=args.seed,
                  console=_console())
         return EXIT_OK

@@ -338,16 +338,9 @@ def select_strategies(names: Sequence[str] | None, *, quick: bool = False) -> li
     if names is None:
         chosen = list(QUICK_STRATEGIES if quick else DEFAULT_STRATEGIES)
         return [n for n in chosen if n != "lora" or _has_peft()]
-    unknown = [n for n in names if n not in STRATEGIES]
-    if unknown or not names:
-        import difflib
+    from ._choices import check_choices
 
-        close = difflib.get_close_matches(unknown[0], STRATEGIES, n=1) if unknown else []
-        raise TorchfreezeError(
-            f"unknown strategy {', '.join(map(repr, unknown)) or '(none)'} for the llm task"
-            + (f" (did you mean {close[0]!r}?)" if close else "")
-            + f"; choose from {', '.join(STRATEGIES)}."
-        )
+    check_choices(names, list(STRATEGIES), where="the llm task: ")
     if "lora" in names and not _has_peft():
         raise TorchfreezeError("the lora strategy needs peft, which is not installed: "
                                "pip install peft (or leave lora out of --strategies).")

@@ -754,16 +754,9 @@ def select_strategies(names: Sequence[str] | None, *, quick: bool) -> list[str]:
     """Validate strategy names (default: all, or the quick ones with ``quick``)."""
     if names is None:
         return [k for k, s in STRATEGIES.items() if s.quick or not quick]
-    unknown = [k for k in names if k not in STRATEGIES]
-    if unknown or not names:
-        import difflib
+    from ._choices import check_choices
 
-        close = difflib.get_close_matches(unknown[0], STRATEGIES, n=1) if unknown else []
-        raise TorchfreezeError(
-            f"unknown strategy {', '.join(map(repr, unknown)) or '(none)'}"
-            + (f" (did you mean {close[0]!r}?)" if close else "")
-            + f"; choose from {', '.join(STRATEGIES)}."
-        )
+    check_choices(names, list(STRATEGIES))
     return list(names)
 
 
