@@ -6,9 +6,11 @@ group of :func:`torchfreeze.layers`, and combines what it measured per group
 into one row per boundary ``k`` (groups ``0..k-1`` frozen, the rest trained):
 
 * **time**: each group's forward and backward are timed for real (the median of
-  ``repeat`` passes). Freezing the prefix removes its backward; with
+  ``repeat`` passes), the frozen prefix's forward under ``no_grad``, as it runs
+  when frozen. Freezing the prefix removes its backward; with
   :class:`~torchfreeze.FeatureCache` its forward also goes after the first
-  epoch. The optimizer step is timed on stand-in tensors of the trainable size.
+  epoch (FeatureCache's one-time discovery pass is not counted). The optimizer
+  step is timed on stand-ins up to the size of the largest trainable tensor.
 * **memory** (tensor bytes, not the allocator's): weights; gradients of the
   trainable parameters; optimizer state from the optimizer's own state layout
   (one real step on small stand-ins: AdamW keeps 2 values per element and a step
@@ -25,6 +27,9 @@ to the LM head is used first and trained last), the gradient has to flow back
 through the whole prefix anyway. The plan then times that prefix's backward with
 only such parameters trainable (input gradients, no weight gradients), keeps its
 saved activations, and marks the row: caching the prefix is impossible there.
+The cached columns also follow FeatureCache's rule against paths around the
+boundary (Llama's rotary tables, made before layer 0 and read by every layer):
+where it would refuse, they are ``None`` and the row says why.
 
 The model is left exactly as it was: ``requires_grad``, ``.grad``, modes,
 parameter and buffer tensors (BatchNorm running statistics included) and the RNG.
