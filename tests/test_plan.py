@@ -320,3 +320,14 @@ def test_cli_plan_table_json_and_errors(tmp_path, monkeypatch, capsys) -> None:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_tokenizer_batch_is_called_with_its_keys() -> None:
+    """HF tokenizers return a BatchEncoding (a UserDict, not a dict): model(**batch)."""
+    from transformers import BatchEncoding
+
+    batch = BatchEncoding(bert_batch())
+    model = tiny_bert()
+    assert [r.memory for r in tfz.plan(model, batch, repeat=1).rows] == \
+        [r.memory for r in tfz.plan(model, dict(batch), repeat=1).rows]
+    assert [g.name for g in tfz.layers(model, batch)] == [g.name for g in tfz.layers(model)]

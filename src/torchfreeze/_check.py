@@ -58,7 +58,7 @@ from rich.table import Table
 from rich.text import Text
 from torch import nn
 
-from ._compat import ddp_delays_all_reduce, ddp_logging_data, nested_schedulers, own_tensor_dicts
+from ._compat import ddp_delays_all_reduce, ddp_logging_data, nested_schedulers
 from ._random_ops import DROPOUT, RandomOps
 from ._report import Report
 from ._select import ModelIndex
@@ -894,7 +894,7 @@ def _random_draws(idx: ModelIndex, example_inputs: Any) -> list[tuple[str, str, 
     innermost running module that has parameters has no trainable one (a
     parameter-less ``DropPath`` belongs to the block that calls it)."""
     from ._layers import call_model
-    from ._snapshot import capture, restore
+    from ._snapshot import isolated
 
     model = idx.model
     frozen: dict[int, bool | None] = {}
@@ -921,20 +921,9 @@ def _random_draws(idx: ModelIndex, example_inputs: Any) -> list[tuple[str, str, 
     for m in idx.modules.values():
         handles.append(m.register_forward_pre_hook(push))
         handles.append(m.register_forward_hook(pop, always_call=True))
-    # buffers (BatchNorm statistics, counters) run on copies: the originals keep their
-    # values and their in-place version counters (a FeatureCache watches those)
-    saved = [(d, dict(d)) for d in (own_tensor_dicts(m)[1] for m in model.modules())]
-    copies: dict[int, torch.Tensor] = {}
-    for d, before in saved:
-        for k, b in before.items():
-            if b is not None:
-                d[k] = copies.setdefault(id(b), b.detach().clone())
-    snapshot = capture(model)
-    devices = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers())
-                      if t.device.type == "cuda"})
     detector = RandomOps(where, every=True)
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), detector:
+        with isolated(model), torch.no_grad(), detector:
             call_model(model, example_inputs)
     except Exception as exc:
         raise TorchfreezeError(
@@ -945,10 +934,6 @@ def _random_draws(idx: ModelIndex, example_inputs: Any) -> list[tuple[str, str, 
     finally:
         for h in handles:
             h.remove()
-        for d, before in saved:
-            d.clear()
-            d.update(before)
-        restore(snapshot)
     return [(name, op, kind) for name, op, kind in detector.seen]
 
 

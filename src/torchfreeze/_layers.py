@@ -23,7 +23,7 @@ the names are the wrapped model's own and are valid selectors for the wrapper to
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -130,7 +130,7 @@ def _common_prefix(names: Iterable[str]) -> str:
 def call_model(model: nn.Module, example_inputs: Any) -> Any:
     """``model(**x)`` for a dict, ``model(*x)`` for a tuple or list, else ``model(x)``:
     how ``layers`` and ``check`` call a model on its ``example_inputs``."""
-    if isinstance(example_inputs, dict):
+    if isinstance(example_inputs, Mapping):  # a dict, or HF's BatchEncoding (a UserDict)
         return model(**example_inputs)
     if isinstance(example_inputs, (tuple, list)):
         return model(*example_inputs)

@@ -44,7 +44,7 @@ import math
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -58,9 +58,14 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._compat import own_buffers, pytree, storage_key
+from ._compat import pytree, storage_key
+from ._layers import call_model
 from ._report import Report, fmt_count, render_text
 from ._select import ModelIndex, require_module
+from ._snapshot import isolated
+
+# the ops FeatureCache's path-around-the-boundary rule ignores or counts as reads: one list
+from .cache._hook import _METADATA_FACTORIES, _VALUE_READS, _VALUE_READS_PY
 from .errors import PlanError, TorchfreezeError
 
 __all__ = ["Plan", "PlanRow", "StepMemory", "plan"]
@@ -559,7 +564,7 @@ class _Trace(TorchFunctionMode):
             return out
         produced = _leaves(out)
         around = bits & ((2 << seg) - 1)  # marked for a boundary this segment is after
-        if around and (produced or name in _VALUE_READS):
+        if around and (produced or name in _VALUE_READS or name in _VALUE_READS_PY):
             for k in range(1, seg + 1):
                 if around >> k & 1:
                     self.p.bypass.setdefault(k, (src, name))
@@ -569,25 +574,8 @@ class _Trace(TorchFunctionMode):
         return out
 
 
-#: ops that read only a tensor's metadata, and ops that read its values without making a
-#: tensor: as FeatureCache's path-around-the-boundary rule counts them (cache/_hook.py)
-_METADATA_FACTORIES = frozenset({
-    "empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like",
-    "randint_like", "new_empty", "new_zeros", "new_ones", "new_full", "new_empty_strided"})
-_VALUE_READS = frozenset({"_local_scalar_dense", "is_nonzero", "equal", "allclose", "item",
-                          "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"})
-
-
 def _leaves(x: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(x) if isinstance(t, torch.Tensor)]
-
-
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 def _default_loss(out: Any) -> torch.Tensor:
@@ -692,7 +680,7 @@ class _Runner:
                 stack.enter_context(torch.no_grad())
             fwd_t[0] = time.perf_counter()
             try:
-                out = _call(self.model, self.batch)
+                out = call_model(self.model, self.batch)
             except PlanError:
                 raise
             except Exception as exc:
@@ -737,37 +725,6 @@ def _batch_error(model: nn.Module, batch: Any, exc: BaseException) -> str:
     return (f"the model could not run the example batch: {type(exc).__name__}: {msg[:300]}. "
             f"plan called {how} with {shapes}; pass one batch exactly as the training loop "
             f"feeds it (nothing was changed).")
-
-
-# ---------------------------------------------------------------------------
-# state: exactly as it was afterwards
-
-
-@contextlib.contextmanager
-def _preserved(model: nn.Module) -> Iterator[None]:
-    """requires_grad, .grad, modes and RNG restored; buffers swapped for copies meanwhile
-    (so BatchNorm statistics and in-place version counters of the real ones never move)."""
-    params = list({id(p): p for p in model.parameters()}.values())
-    flags = [(p, p.requires_grad, p.grad) for p in params]
-    modes = [(m, m.training) for m in model.modules()]
-    buffers = [(m, name, b) for m in model.modules() for name, b, _ in own_buffers(m)]
-    copies: dict[int, torch.Tensor] = {}
-    for m, name, b in buffers:
-        if id(b) not in copies:
-            copies[id(b)] = b.detach().clone()
-        setattr(m, name, copies[id(b)])
-    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        for m, name, b in buffers:
-            setattr(m, name, b)
-        for p, rg, grad in flags:
-            p.requires_grad_(rg)
-            p.grad = grad
-        for m, training in modes:
-            m.training = training
 
 
 def _set_trainable(params: Sequence[nn.Parameter], trainable: set[int]) -> None:
@@ -905,7 +862,7 @@ def _measure(root: nn.Module, batch: Any, cuts: list[_Cut],
     everything = {id(p) for ps in group_params for p in ps}
     all_params = list({id(p): p for p in root.parameters()}.values())  # ungrouped: frozen
     fixed = {storage_key(t) for t in (*root.parameters(), *root.buffers())}
-    with _preserved(root):
+    with isolated(root):
         fixed |= {storage_key(t) for t in root.buffers()}  # the stand-in copies
         runner = _Runner(root, batch, cuts, len(group_params), loss,
                          ModelIndex(root).module_name)
