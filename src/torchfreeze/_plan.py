@@ -60,7 +60,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._compat import pytree, storage_key
 from ._layers import call_model
-from ._report import Report, fmt_count, render_text
+from ._report import Report, fmt_bytes, fmt_count, render_text
 from ._select import ModelIndex, require_module
 from ._snapshot import isolated
 
@@ -80,16 +80,6 @@ _OPTIMIZERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = 
     "rmsprop": lambda ps: torch.optim.RMSprop(ps),
     "adagrad": lambda ps: torch.optim.Adagrad(ps),
 }
-
-
-def fmt_bytes(n: float | None) -> str:
-    """``123456789 -> '117.7 MiB'``."""
-    if n is None:
-        return "-"
-    for div, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if abs(n) >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def _fmt_s(s: float | None) -> str:

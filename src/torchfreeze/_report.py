@@ -13,7 +13,7 @@ from typing import Any
 
 from rich.console import Console, RenderableType
 
-__all__ = ["Report", "fmt_count", "render_text", "short_path", "to_plain"]
+__all__ = ["Report", "fmt_bytes", "fmt_count", "render_text", "short_path", "to_plain"]
 
 
 def render_text(renderable: RenderableType, *, width: int = 120) -> str:
@@ -50,6 +50,16 @@ def fmt_count(n: float) -> str:
         if abs(n) >= div:
             return f"{n / div:.1f} {unit}"
     return f"{int(n)}"
+
+
+def fmt_bytes(n: float | None) -> str:
+    """``123456789 -> '117.7 MiB'``: byte counts as people read them (``None``: ``'-'``)."""
+    if n is None:
+        return "-"
+    for div, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if abs(n) >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{int(n)} B"
 
 
 def to_plain(value: Any) -> Any:

@@ -52,7 +52,7 @@ from rich.table import Table
 from torch import nn
 from torch.nn import functional as F
 
-from ._report import fmt_count
+from ._report import fmt_bytes, fmt_count
 from .errors import TorchfreezeError
 
 __all__ = [
@@ -663,13 +663,6 @@ def results_json(rows: Sequence[_Row], data: NewsData, recipe: Recipe) -> dict[s
     }
 
 
-def _bytes(n: int) -> str:
-    for div, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if n >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n} B"
-
-
 def _table(rows: Sequence[_Row], data: NewsData, recipe: Recipe, total: int) -> Table:
     full = next((r for r in rows if r.name == "full-fine-tune"), None)
     extra = "".join(f" ({r.name}: {recipe.epochs * STRATEGIES[r.name].epoch_mult})"
@@ -700,7 +693,7 @@ def _table(rows: Sequence[_Row], data: NewsData, recipe: Recipe, total: int) -> 
         else:
             verdict = f"[bold red]CHANGED[/] {', '.join(r.changed[:2])}"
         table.add_row(r.name, f"{100 * r.accuracy:.1f}%", f"{r.seconds:.1f}", speed,
-                      "-" if reach is None else f"{reach:.1f} s", params, _bytes(r.state_bytes),
+                      "-" if reach is None else f"{reach:.1f} s", params, fmt_bytes(r.state_bytes),
                       verdict)
     return table
 
