@@ -12,8 +12,14 @@ what the optimizer holds (one layer, as ``badam``) and "kept in host" is
 the same RAM: it shows in peak RSS). ``--switch-every 1 --steps 30`` takes BAdam
 once through all 30 layers, where the stash is at its largest (29 layers).
 
+``--seeds 0,1,2`` repeats every row per seed (each its own split, LoRA init and
+LISA draws) and adds the median table: accuracy, and the training seconds each
+row took to come within 1 pt of the same seed's full fine-tune's final accuracy
+(the first of ``--evals`` evenly spaced test-set evaluations that does; "-" when
+none does).
+
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_llm.py [--steps 24] [--rows badam,badam-keep]
-        [--switch-every N] [--json out.json]
+        [--switch-every N] [--seeds 0,1,2] [--evals N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,20 +35,55 @@ from typing import Any
 ROWS = ("zero-shot", "full", "lora", "freeze-last4", "badam", "lisa", "badam-keep")
 
 
-def run_row(row: str, steps: int, seed: int, switch_every: int | None = None) -> dict[str, Any]:
+def run_row(row: str, steps: int, seed: int, switch_every: int | None = None,
+            evals: int = 1, initial: float | None = None) -> dict[str, Any]:
     from torchfreeze.demo_llm import DEFAULT, load_lm_data, load_tokenizer, train_strategy
 
-    recipe = replace(DEFAULT, steps=steps, seed=seed, evals=1, switch_every=switch_every)
+    recipe = replace(DEFAULT, steps=steps, seed=seed, evals=evals, switch_every=switch_every)
     data = load_lm_data(load_tokenizer(), recipe)
-    r = train_strategy(row, data, recipe, check=False)
+    r = train_strategy(row, data, recipe, check=False, initial=initial)
     return {
-        "row": row, "steps": steps, "samples": steps * recipe.batch_size, "seed": seed,
+        "row": row, "steps": r.steps, "samples": r.samples, "seed": seed,
         "peak_rss_mib": r.peak_rss_mib,
         "switch_every": recipe.switch,
         "optimizer_state_mib": r.state_bytes / 2**20, "grad_mib": r.grad_bytes / 2**20,
         "kept_in_host_mib": r.stash_bytes / 2**20,
         "s_per_step": r.s_per_step, "zero_shot_acc": r.zero_shot_accuracy, "acc": r.accuracy,
+        "curve": r.curve, "train_seconds": r.train_seconds,
     }
+
+
+def seconds_to_within(curve: list[list[float]], target: float) -> float | None:
+    """Training seconds at the first evaluation within 1 pt of ``target`` (or above it)."""
+    return next((t for t, acc in curve if acc >= target - 0.01 - 1e-9), None)
+
+
+def median_table(results: list[dict[str, Any]], title: str) -> Any:
+    """Per row: accuracy per seed and its median; seconds to within 1 pt of full's final."""
+    from statistics import median
+
+    from rich.table import Table
+
+    full = {r["seed"]: r["acc"] for r in results if r["row"] == "full"}
+    table = Table(title=title)
+    for col in ("row", "accuracy per seed", "median", "vs full (median)",
+                "s to within 1 pt of full", "s/step"):
+        table.add_column(col, justify="left" if col == "row" else "right")
+    for row in dict.fromkeys(r["row"] for r in results):
+        rs = [r for r in results if r["row"] == row]
+        accs = [r["acc"] for r in rs]
+        gaps = [r["acc"] - full[r["seed"]] for r in rs if r["seed"] in full]
+        reach = [seconds_to_within(r["curve"], full[r["seed"]]) for r in rs
+                 if r["seed"] in full and r["steps"]]
+        got = [t for t in reach if t is not None]
+        steps = [r["s_per_step"] for r in rs if r["s_per_step"] is not None]
+        table.add_row(
+            row, " ".join(f"{100 * a:.0f}" for a in accs) + " %", f"{100 * median(accs):.0f} %",
+            f"{100 * median(gaps):+.0f} pt" if gaps else "-",
+            (f"{median(got):.0f} ({len(got)}/{len(reach)} seeds)" if got
+             else f"- (0/{len(reach)} seeds)") if reach else "-",
+            f"{median(steps):.2f}" if steps else "-")
+    return table
 
 
 def main() -> None:
@@ -51,39 +92,56 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=DEFAULT.steps)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", help="comma-separated seeds (overrides --seed); adds the "
+                                    "median table")
+    ap.add_argument("--evals", type=int, default=1,
+                    help="test-set evaluations per trained row, evenly spaced")
     ap.add_argument("--switch-every", type=int, default=None,
                     help="the rotations' steps per block (default: max(1, steps // 4))")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--row", help=argparse.SUPPRESS)
+    ap.add_argument("--initial", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.row:
-        print(json.dumps(run_row(args.row, args.steps, args.seed, args.switch_every)))
+        print(json.dumps(run_row(args.row, args.steps, args.seed, args.switch_every,
+                                 args.evals, args.initial)))
         return
     from rich.console import Console
     from rich.table import Table
 
-    results = []
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    results: list[dict[str, Any]] = []
     switch = [] if args.switch_every is None else ["--switch-every", str(args.switch_every)]
-    for row in args.rows.split(","):
-        out = subprocess.run([sys.executable, __file__, "--row", row, "--steps",
-                              str(args.steps), "--seed", str(args.seed), *switch],
-                             capture_output=True, text=True, check=True)
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    table = Table(title=f"SmolLM2-135M, BBC News as LM, {args.steps} steps x batch "
-                        f"{DEFAULT.batch_size}, blocks of {results[0]['switch_every']} steps, "
-                        f"seed {args.seed}")
+    for seed in seeds:
+        initial: list[str] = []  # the seed's zero-shot accuracy, once measured: the same
+        for row in args.rows.split(","):  # weights start every row
+            out = subprocess.run([sys.executable, __file__, "--row", row, "--steps",
+                                  str(args.steps), "--seed", str(seed), "--evals",
+                                  str(args.evals), *switch, *initial],
+                                 capture_output=True, text=True, check=True)
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            initial = ["--initial", repr(results[-1]["zero_shot_acc"])]
+            if args.json:  # after every row: a long run keeps what it measured
+                args.json.write_text(json.dumps(results, indent=2))
+    title = (f"SmolLM2-135M, BBC News as LM, {args.steps} steps x batch "
+             f"{DEFAULT.batch_size}, blocks of {results[0]['switch_every']} steps")
+    table = Table(title=f"{title}, seed{'s' if len(seeds) > 1 else ''} "
+                        f"{','.join(map(str, seeds))}")
+    table.add_column("seed", justify="right")
     for col in ("row", "peak RSS MiB", "opt state MiB", "kept in host MiB", "grad MiB",
                 "s/step", "acc"):
         table.add_column(col, justify="left" if col == "row" else "right")
     for r in results:
-        table.add_row(r["row"], f"{r['peak_rss_mib']:.0f}", f"{r['optimizer_state_mib']:.0f}",
-                      f"{r['kept_in_host_mib']:.0f}", f"{r['grad_mib']:.0f}",
+        table.add_row(str(r["seed"]), r["row"], f"{r['peak_rss_mib']:.0f}",
+                      f"{r['optimizer_state_mib']:.0f}", f"{r['kept_in_host_mib']:.0f}",
+                      f"{r['grad_mib']:.0f}",
                       "-" if r["s_per_step"] is None else f"{r['s_per_step']:.2f}",
                       f"{100 * r['acc']:.0f}%")
     Console().print(table)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    if len(seeds) > 1:
+        Console().print(median_table(results, f"{title}: median of seeds "
+                                              f"{','.join(map(str, seeds))}"))
 
 
 if __name__ == "__main__":

@@ -296,7 +296,7 @@ def _accuracy(model: Any, data: LMData, chunk: int = 25) -> float:
     hits = 0
     for s in range(0, len(data.test_y), chunk):
         logits = model(input_ids=data.test_x[s:s + chunk],
-                       attention_mask=data.test_mask[s:s + chunk]).logits[:, -1]
+                       attention_mask=data.test_mask[s:s + chunk], logits_to_keep=1).logits[:, -1]
         hits += int((logits[:, data.topic_ids].argmax(-1) == data.test_y[s:s + chunk]).sum())
     model.train()
     return hits / len(data.test_y)
@@ -517,7 +517,8 @@ def train_strategy(
             trainable = max(trainable, sum(p.numel() for p in model.parameters()
                                            if p.requires_grad))
             t0 = time.perf_counter()
-            logits = model(input_ids=x, attention_mask=m).logits[:, -1]
+            # the head on the prompt's last position only (all the loss reads)
+            logits = model(input_ids=x, attention_mask=m, logits_to_keep=1).logits[:, -1]
             loss = torch.nn.functional.cross_entropy(logits, data.topic_ids[y])
             loss.backward()
             grad_bytes = max(grad_bytes, sum(p.grad.nbytes for p in model.parameters()
