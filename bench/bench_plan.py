@@ -10,7 +10,9 @@ boundaries, side by side:
   (measured: the ``.grad`` storages, ``optimizer.state`` after the step, and
   what autograd packs during the real step's forward);
 * epoch speed-up with ``FeatureCache(upto=row.upto)`` over ``--epochs`` epochs
-  of ``--batches`` batches (measured wall time against boundary 0's);
+  of ``--batches`` batches (measured wall time from an empty cache against
+  boundary 0's steps taken right around it; the median of ``--repeats`` runs),
+  and the replayed step (epochs 2 on) predicted vs measured;
 * the plan call against one full training step.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_plan.py [--models minilm,smollm2] [--json F]
@@ -99,22 +101,26 @@ def _bytes_once(tensors: list[torch.Tensor]) -> int:
 
 
 def measure_cached(model: nn.Module, batches: list[dict[str, torch.Tensor]], upto: str,
-                   epochs: int) -> float:
+                   epochs: int) -> tuple[float, list[float]]:
+    """One cached run from an empty cache: its wall time and each step's seconds."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6)
-    cache = tfz.FeatureCache(model, upto=upto, pin_eval=True)
+    steps = []
     t0 = time.perf_counter()
+    cache = tfz.FeatureCache(model, upto=upto, pin_eval=True)
     for _ in range(epochs):
         for i, b in enumerate(batches):
+            t1 = time.perf_counter()
             n = next(iter(b.values())).shape[0]
             with cache.keys(list(range(i * n, (i + 1) * n))):
                 out = model(**b)
             _loss(out).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            steps.append(time.perf_counter() - t1)
     wall = time.perf_counter() - t0
     cache.close()
-    return wall
+    return wall, steps
 
 
 def minilm(n_batches: int) -> tuple[nn.Module, list[dict[str, torch.Tensor]], str]:
@@ -178,19 +184,20 @@ VARIANTS = {"minilm": [("tfz.layers", False)],
 
 
 def run_model(name: str, *, boundaries: int, steps: int, epochs: int,
-              batches: int) -> list[dict[str, Any]]:
+              batches: int, repeats: int) -> list[dict[str, Any]]:
     model, data, what = MODELS[name](batches)
     out = []
     for label, drop_head in VARIANTS[name]:
         layers = tfz.layers(model)[:-1] if drop_head else tfz.layers(model)
         out.append(run_variant(model, data, f"{what}; {label}", layers, boundaries=boundaries,
-                               steps=steps, epochs=epochs, batches=batches))
+                               steps=steps, epochs=epochs, batches=batches,
+                               repeats=repeats))
     return out
 
 
 def run_variant(model: nn.Module, data: list[dict[str, torch.Tensor]], what: str,
                 layers: list[Any], *, boundaries: int, steps: int, epochs: int,
-                batches: int) -> dict[str, Any]:
+                batches: int, repeats: int) -> dict[str, Any]:
     batch = data[0]
     plan = tfz.plan(model, batch, layers=layers, epochs=epochs, batches_per_epoch=batches)
     console().print(plan)
@@ -202,14 +209,21 @@ def run_variant(model: nn.Module, data: list[dict[str, torch.Tensor]], what: str
     rows = []
     for k in picks:
         r, m = plan.rows[k], st.memory[k]
-        cached = None
+        cached = fill_s = replay_s = None
         if r.upto is not None and r.cached_speedup is not None:
-            # against full steps taken right before and after the cached run
-            around = [st.step(0, record=False) for _ in range(2)]
-            set_boundary(model, layers, k)
-            wall = measure_cached(model, data, r.upto, epochs)
-            around += [st.step(0, record=False) for _ in range(2)]
-            cached = statistics.median(around) * epochs * batches / wall
+            # each repeat: a cached run from an empty cache against full steps taken
+            # right before and after it (the machine's noise drifts; a ratio per repeat)
+            ratios, fills, replays = [], [], []
+            for _ in range(repeats):
+                around = [st.step(0, record=False) for _ in range(2)]
+                set_boundary(model, layers, k)
+                wall, took = measure_cached(model, data, r.upto, epochs)
+                around += [st.step(0, record=False) for _ in range(2)]
+                ratios.append(statistics.median(around) * epochs * batches / wall)
+                fills += took[1:batches]  # epoch 1 without its first step (AdamW's state)
+                replays += took[batches:]
+            cached = statistics.median(ratios)
+            fill_s, replay_s = statistics.median(fills), statistics.median(replays)
         pred_mem = r.memory.grads + r.memory.optimizer_state + r.memory.activations
         meas_mem = m["grads"] + m["state"] + m["activations"]
         rows.append({
@@ -221,10 +235,12 @@ def run_variant(model: nn.Module, data: list[dict[str, torch.Tensor]], what: str
             "pred_state": r.memory.optimizer_state, "meas_state": m["state"],
             "pred_activations": r.memory.activations, "meas_activations": m["activations"],
             "pred_cached_speedup": r.cached_speedup, "meas_cached_speedup": cached,
+            "pred_replay_step_s": r.cached_step_seconds, "meas_replay_step_s": replay_s,
+            "meas_fill_step_s": fill_s,
         })
     for p in model.parameters():
         p.requires_grad_(True)
-    return {"what": what, "epochs": epochs, "batches": batches,
+    return {"what": what, "epochs": epochs, "batches": batches, "repeats": repeats,
             "plan_seconds": plan.plan_seconds, "full_step_seconds": st.median(0),
             "plan_in_steps": plan.plan_seconds / st.median(0), "rows": rows,
             "plan": plan.to_dict()}
@@ -232,7 +248,7 @@ def run_variant(model: nn.Module, data: list[dict[str, torch.Tensor]], what: str
 
 def show(result: dict[str, Any]) -> None:
     cols = ["k", "frozen through", "speed-up pred", "meas", "err", "tensor MiB pred", "meas",
-            "err", "cached pred", "meas", "err"]
+            "err", "cached pred", "meas", "err", "replay step pred", "meas"]
     body = []
     for r in result["rows"]:
         body.append([
@@ -244,12 +260,15 @@ def show(result: dict[str, Any]) -> None:
             "-" if r["pred_cached_speedup"] is None else f"{r['pred_cached_speedup']:.2f}x",
             "-" if r["meas_cached_speedup"] is None else f"{r['meas_cached_speedup']:.2f}x",
             _err(r["pred_cached_speedup"], r["meas_cached_speedup"]),
+            "-" if r["pred_replay_step_s"] is None else f"{r['pred_replay_step_s']:.3f}",
+            "-" if r["meas_replay_step_s"] is None else f"{r['meas_replay_step_s']:.3f}",
         ])
     console().print(table(
         f"B-plan {result['what']}: predicted vs measured", cols, body,
         caption=(f"plan call {result['plan_seconds']:.1f} s = {result['plan_in_steps']:.1f} "
                  f"full training steps ({result['full_step_seconds']:.2f} s); cached: "
-                 f"{result['epochs']} epochs x {result['batches']} batches. Targets: speed-up "
+                 f"{result['epochs']} epochs x {result['batches']} batches, median of "
+                 f"{result['repeats']} runs from an empty cache. Targets: speed-up "
                  "15 %, memory 10 %, cached 20 %, plan <= 5 steps. " + machine_line())))
 
 
@@ -257,9 +276,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", default="minilm,smollm2")
     ap.add_argument("--boundaries", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per boundary")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per boundary")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batches", type=int, default=4, help="batches per epoch (cached runs)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="cached runs per boundary (the median ratio is reported)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("TFZ_BENCH_THREADS", "1")))
@@ -267,7 +288,8 @@ def main() -> None:
     results = []
     for name in args.models.split(","):
         for res in run_model(name, boundaries=args.boundaries, steps=args.steps,
-                             epochs=args.epochs, batches=args.batches):
+                             epochs=args.epochs, batches=args.batches,
+                             repeats=args.repeats):
             show(res)
             results.append(res)
     if args.json:

@@ -290,3 +290,15 @@ def test_a_state_saved_by_the_other_kind_of_callback_is_refused_naming_both() ->
     _check_state(legacy, [])  # (no unfreezer before setup: no milestones saved)
     with pytest.raises(tfz.FreezeStateError, match="Lightning FreezeCallback"):
         plan.check_state(legacy)
+
+
+def test_an_optimizer_index_out_of_range_names_the_callback_and_what_the_trainer_has():
+    class MyFreeze(FreezeCallback):
+        pass
+
+    trainer = SimpleNamespace(optimizers=[torch.optim.SGD([nn.Parameter(torch.ones(1))],
+                                                          lr=0.1)])
+    assert MyFreeze(optimizer_index=0)._optimizer(trainer) is trainer.optimizers[0]
+    with pytest.raises(TorchfreezeError, match=r"^MyFreeze\(optimizer_index=1\) but the "
+                       r"trainer has 1 optimizer\(s\)\. .*pick an existing index"):
+        MyFreeze(optimizer_index=1)._optimizer(trainer)

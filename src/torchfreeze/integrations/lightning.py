@@ -187,14 +187,7 @@ class FreezeCallback(Callback):
             trainer.strategy.model = self.unfreezer.model
 
     def _optimizer(self, trainer: pl.Trainer) -> torch.optim.Optimizer:
-        opts = trainer.optimizers
-        if not 0 <= self.optimizer_index < len(opts):
-            raise TorchfreezeError(
-                f"FreezeCallback(optimizer_index={self.optimizer_index}) but the trainer has "
-                f"{len(opts)} optimizer(s). Return an optimizer from configure_optimizers, or "
-                "pick an existing index."
-            )
-        return opts[self.optimizer_index]
+        return _optimizer_at(trainer, self.optimizer_index, type(self).__name__)
 
     @staticmethod
     def _scheduler(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> Any:
@@ -321,7 +314,7 @@ class AutoFreezeCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pending, self._pending = self._pending, None
-        opt = _optimizer_at(trainer, self.optimizer_index, "AutoFreezeCallback")
+        opt = _optimizer_at(trainer, self.optimizer_index, type(self).__name__)
         model = trainer.strategy.model
         assert model is not None
         self.autofreeze = self._cls(model, opt,
@@ -359,9 +352,10 @@ def _optimizer_at(trainer: pl.Trainer, index: int, who: str) -> torch.optim.Opti
     if not 0 <= index < len(opts):
         raise TorchfreezeError(
             f"{who}(optimizer_index={index}) but the trainer has {len(opts)} optimizer(s). "
-            "Return an optimizer from configure_optimizers."
+            "Return an optimizer from configure_optimizers, or pick an existing index."
         )
-    return opts[index]
+    opt: torch.optim.Optimizer = opts[index]
+    return opt
 
 
 class RotatingFreezeCallback(Callback):
@@ -419,7 +413,7 @@ class RotatingFreezeCallback(Callback):
         from ..rotate import RotatingFreeze
 
         pending, self._pending = self._pending, None
-        opt = _optimizer_at(trainer, self.optimizer_index, "RotatingFreezeCallback")
+        opt = _optimizer_at(trainer, self.optimizer_index, type(self).__name__)
         model = trainer.strategy.model
         assert model is not None
         self.rotation = RotatingFreeze(model, opt, **self._options)
