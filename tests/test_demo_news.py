@@ -1,6 +1,6 @@
 """`torchfreeze demo --quick`: all-MiniLM-L6-v2 on BBC News, strategies side by side.
 
-The quick run (80 labelled articles, 200 test, 2 epochs) runs once per test session
+The quick run (80 labelled articles, 100 test, 2 epochs) runs once per test session
 and every assertion reads its stdout, results.json and PNG. Timings are checked for
 consistency only (speed is measured in bench/, never as pass/fail).
 """
@@ -47,7 +47,7 @@ def test_quick_run_writes_exactly_the_issue_json(quick):
                          "strategies"}
     assert (data["task"], data["model"], data["max_length"]) == ("bbc-news", "all-MiniLM-L6-v2",
                                                                  64)
-    assert data["train_samples"] == 5 * 16 and data["test_samples"] == 200
+    assert data["train_samples"] == 5 * 16 and data["test_samples"] == 100
     assert [s["name"] for s in data["strategies"]] == QUICK_STRATEGIES  # no gradual in --quick
     for s in data["strategies"]:
         assert set(s) == FIELDS, s["name"]

@@ -131,12 +131,14 @@ def test_no_import_circle_inside_the_package() -> None:
 
 
 def test_import_torchfreeze_loads_no_optional_integration() -> None:
+    """Neither ``torchfreeze`` nor ``torchfreeze.integrations`` imports a trainer
+    library, peft or matplotlib (each integration imports its own, lazily)."""
     import subprocess
     import sys
 
-    code = ("import sys, torchfreeze; "
-            "print(sorted(m for m in ('lightning', 'transformers', 'matplotlib') "
-            "if m in sys.modules))")
+    code = ("import sys, torchfreeze, torchfreeze.integrations; "
+            "print(sorted(m for m in ('lightning', 'pytorch_lightning', 'transformers', "
+            "'accelerate', 'peft', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stdout

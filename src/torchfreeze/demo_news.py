@@ -108,7 +108,7 @@ class Recipe:
 
 DEFAULT = Recipe()
 #: ``--quick``: fewer articles and epochs, every strategy but gradual-unfreeze.
-QUICK = Recipe(shots=16, test=200, epochs=2, batch_size=8)
+QUICK = Recipe(shots=16, test=100, epochs=2, batch_size=8)
 
 # Private switch: False runs the cached strategies uncached, for comparisons. The
 # numbers are the same either way (the frozen prefix runs in eval mode in both).
