@@ -108,6 +108,25 @@ def test_verify_catches_an_inactive_group_that_moved() -> None:
     assert report.max_abs_change["model.norm.weight"] == pytest.approx(1.0)
 
 
+def test_verify_tells_a_group_the_last_switch_activated_from_one_that_never_learns() -> None:
+    model, opt, rot = build()
+    with tfz.verify(model) as report:
+        train(model, opt, rot, range(6))  # head, layers.3; the 6th rot.step activates layers.2
+        assert rot.active == ["model.layers.2"]
+    layer2 = sorted(n for g, names in rot.groups if g == "model.layers.2" for n in names)
+    assert sorted(report.just_activated) == layer2  # its turn had not trained yet
+    assert report.unchanged_trainable == [] and report.ok
+    assert "activated by the rotation's last switch, not trained yet" in str(report)
+    # once the new turn has trained a step, a tensor of it that did not move is stuck
+    with tfz.verify(model) as report2:
+        stuck = model.model.layers[2].mlp.up_proj.weight
+        stuck.register_hook(torch.zeros_like)  # no gradient ever reaches it
+        opt.param_groups[0]["weight_decay"] = 0.0  # nor a decay
+        train(model, opt, rot, range(6, 7))
+    assert report2.unchanged_trainable == ["model.layers.2.mlp.up_proj.weight"]
+    assert report2.just_activated == []
+
+
 def test_check_finds_nothing_to_fix_but_a_stale_grad_on_an_inactive_group_is_an_error() -> None:
     model, opt, rot = build()
     train(model, opt, rot, range(4))

@@ -59,6 +59,11 @@ class VerifyReport(Report):
         unchanged_trainable: trainable parameters that never moved (a layer
             that does not learn: no gradient reached it, lr 0, not in the
             optimizer, ...). Does not affect ``ok``.
+        just_activated: made trainable by a :class:`~torchfreeze.RotatingFreeze`'s
+            last switch, none of them changed since: the block ended before their
+            turn trained them (a rotation switches after the step that ends a
+            turn). If any of them moved, the unchanged ones are in
+            ``unchanged_trainable`` instead. Does not affect ``ok``.
         max_abs_change: for every frozen tensor, the largest absolute change
             (0.0 when bit-identical; ``nan`` when a NaN appeared or vanished,
             ``inf`` when the shape changed).
@@ -81,6 +86,7 @@ class VerifyReport(Report):
     finished: bool = False
     changed_frozen: list[str] = field(default_factory=list)
     unchanged_trainable: list[str] = field(default_factory=list)
+    just_activated: list[str] = field(default_factory=list)
     max_abs_change: dict[str, float] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     unfrozen: list[str] = field(default_factory=list)
@@ -103,7 +109,7 @@ class VerifyReport(Report):
         else:
             bad = len(self.changed_frozen) + len(self.missing)
             text = f"verify FAILED: {bad} of {self.num_frozen} frozen tensors changed"
-        moved = self.num_trainable - len(self.unchanged_trainable)
+        moved = self.num_trainable - len(self.unchanged_trainable) - len(self.just_activated)
         return text + f"; {moved} of {self.num_trainable} trainable tensors moved"
 
     def _rich(self) -> RenderableType:
@@ -129,6 +135,9 @@ class VerifyReport(Report):
                     if len(self.unchanged_trainable) > 6 else "")
             parts.append(Text(f"trainable but never moved: {shown}{more} (see tfz.check)",
                               style="yellow"))
+        if self.just_activated:
+            parts.append(Text(f"activated by the rotation's last switch, not trained yet: "
+                              f"{len(self.just_activated)} tensors", style="dim"))
         if self.frozen_inside:
             parts.append(Text(f"frozen inside the block, compared from then on: "
                               f"{len(self.frozen_inside)} tensors", style="dim"))
@@ -240,6 +249,7 @@ class _Snapshot:
         self._params = dict(idx.params)
         self.changed_early: dict[str, float] = {}  # moved while frozen, unfrozen since
         self.checked_stretches = 0
+        self.last_activated: set[str] = set()  # by the latest rotation switch
         with torch.no_grad():
             for name, p in idx.params.items():
                 if p.requires_grad:
@@ -282,10 +292,12 @@ class _Snapshot:
 
     def unfrozen_now(self, params: Sequence[torch.Tensor]) -> None:
         ids = {id(p) for p in params}
+        self.last_activated = set()
         with torch.no_grad():
             for name, p in list(self._params.items()):
                 if id(p) not in ids or name not in self.frozen:
                     continue
+                self.last_activated.add(name)
                 before = self.frozen.pop(name)
                 after = _local(p).to(before.device)
                 if not (before.shape == after.shape and before.dtype == after.dtype
@@ -340,12 +352,19 @@ class _Snapshot:
                 now = lookup.get(name)
                 if now is not None and torch.equal(fp, _fingerprint(_local(now))):
                     stuck.append(name)
+            # the last switch's tensors, if none of them moved: no step since the switch
+            # (one that moved shows a step ran: then the unchanged ones are stuck)
+            just = [n for n in stuck if n in self.last_activated]
+            if len(just) < len(self.last_activated & set(self.trainable)):
+                just = []
+            stuck = [n for n in stuck if n not in just]
         report.changed_frozen = changed
         report.missing = missing
         report.unfrozen = unfrozen
         report.frozen_inside = list(self.frozen_inside)
         report.max_abs_change = max_change
         report.unchanged_trainable = stuck
+        report.just_activated = just
         report.frozen_stretches = self.checked_stretches
         report.num_frozen = len(self.frozen)
         report.num_trainable = len(self.trainable)
