@@ -190,6 +190,30 @@ def test_the_model_is_exactly_as_it_was() -> None:
     assert model.training and model[1].training and not model[3].training
 
 
+def test_the_cached_first_epoch_runs_the_prefix_in_eval_mode_as_featurecache_fills_it() -> None:
+    """FeatureCache fills with the prefix in eval mode (it refuses dropout in train
+    mode), so the plan times the prefix that way too, and only where a row can be
+    cached; every module's mode is back afterwards."""
+    seen: list[bool] = []
+
+    def record(mod: nn.Module, args: Any) -> None:
+        seen.append(mod.training)
+
+    model = mlp()
+    model[1].register_forward_pre_hook(record)
+    model[3].eval()  # a mixed-mode model keeps its mix
+    tfz.plan(model, torch.randn(8, 64), repeat=2)
+    assert False in seen and True in seen
+    assert [m.training for m in model] == [True, True, True, False, True]
+    # no row can be cached (a tied embedding trains before every boundary): no eval pass
+    llama = tiny_llama()
+    seen.clear()
+    llama.model.layers[0].register_forward_pre_hook(record)
+    ids = bert_batch()["input_ids"]
+    tfz.plan(llama, {"input_ids": ids, "labels": ids}, repeat=1)
+    assert seen and all(seen)
+
+
 def test_speedup_ordering_and_flops_on_a_model_whose_prefix_dominates() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(512, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(),

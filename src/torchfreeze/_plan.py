@@ -9,7 +9,9 @@ into one row per boundary ``k`` (groups ``0..k-1`` frozen, the rest trained):
   ``repeat`` passes), the frozen prefix's forward under ``no_grad``, as it runs
   when frozen. Freezing the prefix removes its backward; with
   :class:`~torchfreeze.FeatureCache` its forward also goes after the first
-  epoch (FeatureCache's one-time discovery pass is not counted). The optimizer
+  epoch, which runs it in eval mode as FeatureCache fills it (``pin_eval=True``
+  or a model in eval mode: it refuses random ops in train mode), timed so (no
+  dropout: often faster). FeatureCache's one-time discovery pass is not counted. The optimizer
   step is timed on stand-ins up to the size of the largest trainable tensor.
 * **memory** (tensor bytes, not the allocator's): weights; gradients of the
   trainable parameters; optimizer state from the optimizer's own state layout
@@ -842,6 +844,7 @@ class _Measured:
     bwd: list[float] | None = None
     dgrad_bwd: list[float] | None = None
     frozen_fwd: list[float] | None = None  # the forward under no_grad
+    eval_fwd: list[float] | None = None  # the same in eval mode (FeatureCache's first epoch)
     optimizer: _StepCost = field(default_factory=lambda: _StepCost(0.0))
 
 
@@ -868,17 +871,32 @@ def _measure(root: nn.Module, batch: Any, cuts: list[_Cut],
         m = _Measured(first, dgrad)
         if meta:
             return m
-        timed, frozen, timed_dgrad = [], [], []
+        timed, frozen, timed_dgrad, evals = [], [], [], []
+        # FeatureCache fills in eval mode (pin_eval=True, or a model in eval mode: it
+        # refuses random ops in train mode), often faster (no dropout): timed where a
+        # cached row is possible
+        cacheable = any(k not in first.bypass and all(
+            first.first_use.get(i, k) >= k for i, g in group_of.items() if g >= k)
+            for k in range(1, len(group_params)))
+        modes = [(mod, mod.training) for mod in root.modules()]
         for _ in range(repeat):
             _set_trainable(all_params, everything)
             timed.append(runner.run())
             frozen.append(runner.run(backward=False))
+            if cacheable:
+                root.eval()
+                try:
+                    evals.append(runner.run(backward=False))
+                finally:
+                    for mod, was in modes:
+                        mod.training = was
         # one fewer: these refine only the frozen prefix's backward
         for _ in range(max(1, repeat - 1) if early else 0):
             _set_trainable(all_params, early)
             timed_dgrad.append(runner.run())
     m.fwd, m.bwd = _median([t.fwd for t in timed]), _median([t.bwd for t in timed])
     m.frozen_fwd = _median([t.fwd for t in frozen])
+    m.eval_fwd = _median([t.fwd for t in evals]) if evals else None
     m.dgrad_bwd = _median([t.bwd for t in timed_dgrad]) if timed_dgrad else None
     return m
 
@@ -918,8 +936,9 @@ def _row(k: int, m: _Measured, trained: list[nn.Parameter], idx: ModelIndex,
         if k > 0 and not through and upto is not None and k not in first.bypass:
             copy = first.copy_seconds.get(k, 0.0)  # one write (epoch 1), one read a step
             cached = sum(m.fwd[k:]) + b + o + copy
+            fill = sum((m.eval_fwd or m.frozen_fwd)[:k]) + sum(m.fwd[k:]) + b + o + copy
             if base:
-                cached_speedup = epochs * base / (step + copy + (epochs - 1) * cached)
+                cached_speedup = epochs * base / (fill + (epochs - 1) * cached)
         speedup = (base or step) / step
     cache_bytes = None
     if k > 0 and k in first.cut_bytes:
