@@ -137,7 +137,7 @@ class PlanRow(Report):
             first epoch); ``None`` where the prefix cannot be cached.
         speedup: ``step_seconds`` of boundary 0 over this row's.
         cached_speedup: boundary 0's time over ``epochs`` over this row's with the
-            cache (the first epoch fills it at the uncached speed).
+            cache (the first epoch fills it, running the prefix in eval mode).
         memory: the step's tensor bytes, see :class:`StepMemory`.
         cache_bytes: what the cache holds: the boundary output per sample times
             ``batch_size * batches_per_epoch`` samples (one example batch's worth
