@@ -53,6 +53,24 @@ def weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def lightning_lm() -> Any:
+    """A LightningModule around ``tiny_llama()``: AdamW (lr 1e-2) over every parameter."""
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class LM(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = tiny_llama()
+
+        def training_step(self, x: torch.Tensor, _: int) -> torch.Tensor:
+            return self.lm(input_ids=x, labels=x).loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    return LM()
+
+
 def build(order: str = "descending", state: str = "fresh", **kw: Any) -> tuple[Any, ...]:
     model = tiny_llama()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -286,24 +304,13 @@ def test_lightning_bf16_true_is_refused_at_fit_start(tmp_path: Any) -> None:
     pl = pytest.importorskip("lightning.pytorch")
     from torchfreeze.integrations.lightning import RotatingFreezeCallback
 
-    class LM(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lm = tiny_llama()
-
-        def training_step(self, x: torch.Tensor, _: int) -> torch.Tensor:
-            return self.lm(input_ids=x, labels=x).loss
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(self.parameters(), lr=1e-2)
-
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, precision="bf16-true",
                          logger=False, enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False, default_root_dir=tmp_path,
                          callbacks=[RotatingFreezeCallback(switch_every=1)])
     data = torch.utils.data.DataLoader([batch(i)[0] for i in range(4)], batch_size=2)
     with pytest.raises(TorchfreezeError, match="precision='bf16-mixed', not 'bf16-true'"):
-        trainer.fit(LM(), data)
+        trainer.fit(lightning_lm(), data)
 
 
 def test_load_state_dict_refuses_other_settings_and_other_objects() -> None:
@@ -461,21 +468,10 @@ def test_lightning_callback_frees_state_and_resumes_bit_identical(tmp_path: Any)
 
     from torchfreeze.integrations.lightning import RotatingFreezeCallback
 
-    class LM(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lm = tiny_llama()
-
-        def training_step(self, x: torch.Tensor, _: int) -> torch.Tensor:
-            return self.lm(input_ids=x, labels=x).loss
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(self.parameters(), lr=1e-2)
-
     data = torch.utils.data.DataLoader([batch(i)[0] for i in range(12)], batch_size=4)
 
     def fit(out: Any, epochs: int, ckpt: str | None = None) -> tuple[Any, Any, Any]:
-        module = LM()
+        module = lightning_lm()
         cb = RotatingFreezeCallback(switch_every=2)
         saver = pl.callbacks.ModelCheckpoint(dirpath=out, filename="{epoch}", save_top_k=-1)
         trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
