@@ -53,16 +53,13 @@ def run_row(row: str, steps: int, seed: int, switch_every: int | None = None,
     }
 
 
-def seconds_to_within(curve: list[list[float]], target: float) -> float | None:
-    """Training seconds at the first evaluation within 1 pt of ``target`` (or above it)."""
-    return next((t for t, acc in curve if acc >= target - 0.01 - 1e-9), None)
-
-
 def median_table(results: list[dict[str, Any]], title: str) -> Any:
     """Per row: accuracy per seed and its median; seconds to within 1 pt of full's final."""
     from statistics import median
 
     from rich.table import Table
+
+    from torchfreeze.demo_news import seconds_to
 
     full = {r["seed"]: r["acc"] for r in results if r["row"] == "full"}
     table = Table(title=title)
@@ -73,7 +70,7 @@ def median_table(results: list[dict[str, Any]], title: str) -> Any:
         rs = [r for r in results if r["row"] == row]
         accs = [r["acc"] for r in rs]
         gaps = [r["acc"] - full[r["seed"]] for r in rs if r["seed"] in full]
-        reach = [seconds_to_within(r["curve"], full[r["seed"]]) for r in rs
+        reach = [seconds_to(r["curve"], full[r["seed"]] - 0.01) for r in rs
                  if r["seed"] in full and r["steps"]]
         got = [t for t in reach if t is not None]
         steps = [r["s_per_step"] for r in rs if r["s_per_step"] is not None]
