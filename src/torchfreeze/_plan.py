@@ -406,15 +406,24 @@ class _OptimizerModel:
         per_element = (got[1] - got[0]) / (sizes[1] - sizes[0])
         return got[0] - per_element * sizes[0], per_element
 
-    def step_cost(self, dtype: torch.dtype, largest: int, repeat: int) -> _StepCost:
+    def step_cost(self, dtype: torch.dtype, largest: int, total: int,
+                  repeat: int) -> _StepCost:
         """One optimizer step measured on stand-ins: 64 one-value tensors (the cost per
-        tensor), one of 1 M values and one as large as the model's largest trainable
-        tensor (capped at 16 M values): the cost per value grows once tensors leave the
-        CPU caches, and embedding tables are the large ones."""
-        sizes = sorted({1 << 20, max(1 << 20, min(largest, 1 << 24))})
+        tensor), tensors of 1 M values and tensors as large as the model's largest
+        trainable one (capped at 16 M values): the cost per value grows once tensors
+        leave the CPU caches, and embedding tables are the large ones. Each size is
+        stepped over as many tensors as make the model's trainable values (capped at
+        8 M), so a model whose optimizer state is larger than the caches is timed out
+        of the caches, as its real step runs."""
+        cap = 1 << 24
+        sizes = sorted({1 << 20, max(1 << 20, min(largest, cap))})
+        out_of_cache = 1 << 23  # 128 MiB of AdamW's fp32 tensors: far beyond any CPU cache
         per_tensor = self._time([torch.zeros(1, dtype=dtype) for _ in range(64)], repeat) / 64
-        points = [(n, max(self._time([torch.zeros(n, dtype=dtype)], repeat) - per_tensor, 0.0)
-                  / n) for n in sizes]
+        points = []
+        for n in sizes:
+            copies = max(1, min(total, out_of_cache) // n)
+            took = self._time([torch.zeros(n, dtype=dtype) for _ in range(copies)], repeat)
+            points.append((n, max(took / copies - per_tensor, 0.0) / n))
         return _StepCost(per_tensor, tuple(points))
 
     def _time(self, tensors: list[torch.Tensor], repeat: int) -> float:
@@ -423,8 +432,10 @@ class _OptimizerModel:
         for p in ps:
             p.grad = torch.ones_like(p)
         opt.step()  # state allocation is not part of the steady-state step
-        times = []
-        for _ in range(max(3, repeat)):
+        times: list[float] = []
+        # at least 3 steps, and more while they add up to under 50 ms (at most 15):
+        # a step of a few ms is noisier than one over 8 M values
+        while len(times) < max(3, repeat) or (sum(times) < 0.05 and len(times) < 15):
             t0 = time.perf_counter()
             opt.step()
             times.append(time.perf_counter() - t0)
@@ -807,7 +818,7 @@ def plan(
     m = _measure(root, batch, cuts, group_params, loss=loss, meta=meta, repeat=repeat)
     if not meta:
         m.optimizer = opt.step_cost(all_params[0].dtype, max(p.numel() for p in all_params),
-                                    repeat)
+                                    sum(p.numel() for p in all_params), repeat)
     weights = _bytes_once(all_params)
     rows: list[PlanRow] = []
     for k in range(len(groups)):
