@@ -19,7 +19,9 @@ row took to come within 1 pt of the same seed's full fine-tune's final accuracy
 none does).
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_llm.py [--steps 24] [--rows badam,badam-keep]
-        [--switch-every N] [--seeds 0,1,2] [--evals N] [--json out.json]
+        [--switch-every N] [--seeds 0,1,2] [--evals N] [--lr 1e-4] [--json out.json]
+
+``--lr`` sets the learning rate of every row but LoRA's (which keeps its own).
 """
 
 from __future__ import annotations
@@ -36,14 +38,17 @@ ROWS = ("zero-shot", "full", "lora", "freeze-last4", "badam", "lisa", "badam-kee
 
 
 def run_row(row: str, steps: int, seed: int, switch_every: int | None = None,
-            evals: int = 1, initial: float | None = None) -> dict[str, Any]:
+            evals: int = 1, initial: float | None = None,
+            lr: float | None = None) -> dict[str, Any]:
     from torchfreeze.demo_llm import DEFAULT, load_lm_data, load_tokenizer, train_strategy
 
-    recipe = replace(DEFAULT, steps=steps, seed=seed, evals=evals, switch_every=switch_every)
+    recipe = replace(DEFAULT, steps=steps, seed=seed, evals=evals, switch_every=switch_every,
+                     lr=DEFAULT.lr if lr is None else lr)
     data = load_lm_data(load_tokenizer(), recipe)
     r = train_strategy(row, data, recipe, check=False, initial=initial)
     return {
-        "row": row, "steps": r.steps, "samples": r.samples, "seed": seed,
+        "row": row, "lr": recipe.lora_lr if row == "lora" else recipe.lr,
+        "steps": r.steps, "samples": r.samples, "seed": seed,
         "peak_rss_mib": r.peak_rss_mib,
         "switch_every": recipe.switch,
         "optimizer_state_mib": r.state_bytes / 2**20, "grad_mib": r.grad_bytes / 2**20,
@@ -96,13 +101,16 @@ def main() -> None:
     ap.add_argument("--switch-every", type=int, default=None,
                     help="the rotations' steps per block (default: max(1, steps // 4))")
     ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--lr", type=float, default=None,
+                    help=f"learning rate of every row but LoRA (default {DEFAULT.lr}; LoRA "
+                         f"keeps {DEFAULT.lora_lr})")
     ap.add_argument("--row", help=argparse.SUPPRESS)
     ap.add_argument("--initial", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.row:
         print(json.dumps(run_row(args.row, args.steps, args.seed, args.switch_every,
-                                 args.evals, args.initial)))
+                                 args.evals, args.initial, args.lr)))
         return
     from rich.console import Console
     from rich.table import Table
@@ -110,6 +118,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
     results: list[dict[str, Any]] = []
     switch = [] if args.switch_every is None else ["--switch-every", str(args.switch_every)]
+    switch += [] if args.lr is None else ["--lr", repr(args.lr)]
     for seed in seeds:
         initial: list[str] = []  # the seed's zero-shot accuracy, once measured: the same
         for row in args.rows.split(","):  # weights start every row
