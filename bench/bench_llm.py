@@ -117,14 +117,14 @@ def main() -> None:
 
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
     results: list[dict[str, Any]] = []
-    switch = [] if args.switch_every is None else ["--switch-every", str(args.switch_every)]
-    switch += [] if args.lr is None else ["--lr", repr(args.lr)]
+    passed = [] if args.switch_every is None else ["--switch-every", str(args.switch_every)]
+    passed += [] if args.lr is None else ["--lr", repr(args.lr)]  # to each row's process
     for seed in seeds:
         initial: list[str] = []  # the seed's zero-shot accuracy, once measured: the same
         for row in args.rows.split(","):  # weights start every row
             out = subprocess.run([sys.executable, __file__, "--row", row, "--steps",
                                   str(args.steps), "--seed", str(seed), "--evals",
-                                  str(args.evals), *switch, *initial],
+                                  str(args.evals), *passed, *initial],
                                  capture_output=True, text=True, check=True)
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
             initial = ["--initial", repr(results[-1]["zero_shot_acc"])]

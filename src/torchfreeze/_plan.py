@@ -417,7 +417,7 @@ class _OptimizerModel:
         of the caches, as its real step runs."""
         cap = 1 << 24
         sizes = sorted({1 << 20, max(1 << 20, min(largest, cap))})
-        out_of_cache = 1 << 23  # 128 MiB of AdamW's fp32 tensors: far beyond any CPU cache
+        out_of_cache = 1 << 23  # 128 MiB of AdamW's fp32 tensors: beyond common L3 caches
         per_tensor = self._time([torch.zeros(1, dtype=dtype) for _ in range(64)], repeat) / 64
         points = []
         for n in sizes:
