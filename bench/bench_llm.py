@@ -47,7 +47,7 @@ def run_row(row: str, steps: int, seed: int, switch_every: int | None = None,
     data = load_lm_data(load_tokenizer(), recipe)
     r = train_strategy(row, data, recipe, check=False, initial=initial)
     return {
-        "row": row, "lr": recipe.lora_lr if row == "lora" else recipe.lr,
+        "row": row, "lr": recipe.lr_of(row),
         "steps": r.steps, "samples": r.samples, "seed": seed,
         "peak_rss_mib": r.peak_rss_mib,
         "switch_every": recipe.switch,

@@ -212,6 +212,15 @@ class LLMRecipe:
         """Evaluations per trained strategy."""
         return max(1, self.evals if self.evals is not None else self.steps // 24)
 
+    def lr_of(self, strategy: str) -> float:
+        """The learning rate ``strategy`` trains at: ``lora_lr`` for LoRA, else ``lr``.
+
+        Example:
+            >>> LLMRecipe(lr=1e-4).lr_of("badam"), LLMRecipe().lr_of("lora")
+            (0.0001, 0.0002)
+        """
+        return self.lora_lr if strategy == "lora" else self.lr
+
 
 #: ``torchfreeze demo --task llm``: 24 steps x 4 articles, 48 tokens, 100 test articles
 #: (bench/bench_llm.py's sizes; a few minutes on a 2-core CPU).
@@ -351,7 +360,6 @@ def _build(name: str, model: Any, recipe: LLMRecipe) -> tuple[Any, torch.optim.O
     """Freeze / wrap what ``name`` freezes or wraps; ``(model, AdamW, rotation or None)``."""
     import torchfreeze as tfz
 
-    lr = recipe.lr
     if name == "lora":
         import warnings
 
@@ -363,13 +371,12 @@ def _build(name: str, model: Any, recipe: LLMRecipe) -> tuple[Any, torch.optim.O
             model = get_peft_model(model, LoraConfig(
                 r=recipe.lora_r, lora_alpha=2 * recipe.lora_r,
                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-        lr = recipe.lora_lr
     if name == "freeze-last4":  # LLaMA-Factory's freeze-tuning: last 4 layers + final norm
         tfz.freeze(model)
         tfz.unfreeze(model, [f"model.layers.{i}" for i in range(NUM_LAYERS - 4, NUM_LAYERS)],
                      "model.norm")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=recipe.lr_of(name), weight_decay=0.0)
     rot = None
     if name in ("badam", "badam-keep"):
         rot = tfz.RotatingFreeze(model, opt, order="descending", switch_every=recipe.switch,
