@@ -190,6 +190,37 @@ def test_the_model_is_exactly_as_it_was() -> None:
     assert model.training and model[1].training and not model[3].training
 
 
+@pytest.mark.parametrize("repeat", [1, 2, 3])
+def test_the_plan_call_runs_the_model_a_bounded_number_of_times(repeat: int) -> None:
+    """What a plan costs, in passes over the model: one traced pass (FLOPs, saved
+    tensors, data flow), ``repeat`` timed forward + backward passes, and the forward-only
+    passes (frozen prefix in train mode; eval mode for the cached rows) one fewer than
+    those, at least one each."""
+    calls: list[tuple[bool, bool]] = []  # (grad enabled, training) per forward
+    model = mlp()
+    model.register_forward_pre_hook(
+        lambda mod, args: calls.append((torch.is_grad_enabled(), mod.training)))
+    tfz.plan(model, torch.randn(8, 64), repeat=repeat)
+    forward_only = max(1, repeat - 1)
+    assert calls.count((True, True)) == 1 + repeat
+    assert calls.count((False, True)) == forward_only
+    assert calls.count((False, False)) == forward_only
+    assert len(calls) == 1 + repeat + 2 * forward_only
+    # a tied embedding trains and is used before every boundary: one more traced pass
+    # with only it trainable (input gradients through the prefix), which is also the
+    # first timing of that backward; no row can be cached, so no eval-mode pass
+    calls.clear()
+    llama = tiny_llama()
+    llama.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append((torch.is_grad_enabled(), mod.training)),
+        with_kwargs=True)
+    ids = torch.randint(0, 1000, (2, 8))
+    tfz.plan(llama, {"input_ids": ids, "labels": ids}, repeat=repeat)
+    assert calls.count((True, True)) == 1 + 1 + repeat + (forward_only - 1)
+    assert calls.count((False, True)) == forward_only
+    assert len(calls) == 1 + 1 + repeat + (forward_only - 1) + forward_only
+
+
 def test_the_cached_first_epoch_runs_the_prefix_in_eval_mode_as_featurecache_fills_it() -> None:
     """FeatureCache fills with the prefix in eval mode (it refuses dropout in train
     mode), so the plan times the prefix that way too, and only where a row can be

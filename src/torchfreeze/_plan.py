@@ -7,12 +7,13 @@ into one row per boundary ``k`` (groups ``0..k-1`` frozen, the rest trained):
 
 * **time**: each group's forward and backward are timed for real (the median of
   ``repeat`` passes), the frozen prefix's forward under ``no_grad``, as it runs
-  when frozen. Freezing the prefix removes its backward; with
-  :class:`~torchfreeze.FeatureCache` its forward also goes after the first
-  epoch, which runs it in eval mode as FeatureCache fills it (``pin_eval=True``
-  or a model in eval mode: it refuses random ops in train mode), timed so (no
-  dropout: often faster). FeatureCache's one-time discovery pass is not counted. The optimizer
-  step is timed on stand-ins up to the size of the largest trainable tensor.
+  when frozen (``repeat - 1`` such passes, at least one). Freezing the prefix
+  removes its backward; with :class:`~torchfreeze.FeatureCache` its forward
+  also goes after the first epoch, which runs it in eval mode as FeatureCache
+  fills it (``pin_eval=True`` or a model in eval mode: it refuses random ops in
+  train mode), timed so (no dropout: often faster). FeatureCache's one-time
+  discovery pass is not counted. The optimizer step is timed on stand-ins up to
+  the size of the largest trainable tensor.
 * **memory** (tensor bytes, not the allocator's): weights; gradients of the
   trainable parameters; optimizer state from the optimizer's own state layout
   (one real step on small stand-ins: AdamW keeps 2 values per element and a step
@@ -433,9 +434,9 @@ class _OptimizerModel:
             p.grad = torch.ones_like(p)
         opt.step()  # state allocation is not part of the steady-state step
         times: list[float] = []
-        # at least 3 steps, and more while they add up to under 50 ms (at most 15):
+        # at least 2 steps, and more while they add up to under 50 ms (at most 15):
         # a step of a few ms is noisier than one over 8 M values
-        while len(times) < max(3, repeat) or (sum(times) < 0.05 and len(times) < 15):
+        while len(times) < max(2, repeat) or (sum(times) < 0.05 and len(times) < 15):
             t0 = time.perf_counter()
             opt.step()
             times.append(time.perf_counter() - t0)
@@ -774,7 +775,9 @@ def plan(
             ``"250 ms"`` per step) or ``{"memory": ..., "seconds": ...}``.
         loss: ``(output, batch) -> scalar``; by default the output's ``.loss``,
             else the sum of its first floating tensor.
-        repeat: timed passes per measurement (the median is kept).
+        repeat: timed forward + backward passes (the median is kept); the
+            passes that refine only the frozen prefix (its forward alone, its
+            input-gradient backward) run one fewer, at least one.
         cache_dtype: the dtype ``FeatureCache(dtype=...)`` will store in.
 
     Returns:
@@ -890,9 +893,16 @@ def _measure(root: nn.Module, batch: Any, cuts: list[_Cut],
             first.first_use.get(i, k) >= k for i, g in group_of.items() if g >= k)
             for k in range(1, len(group_params)))
         modes = [(mod, mod.training) for mod in root.modules()]
-        for _ in range(repeat):
+        # one fewer pass (at least one) for what only refines the frozen prefix: its
+        # forward alone (a third of a step), and its input-gradient backward, of which
+        # the traced dgrad pass above is the first timing (the flop counter's cost per
+        # op is small beside a decoder layer's backward)
+        fewer = max(1, repeat - 1)
+        for i in range(repeat):
             _set_trainable(all_params, everything)
             timed.append(runner.run())
+            if i >= fewer:
+                continue
             frozen.append(runner.run(backward=False))
             if cacheable:
                 root.eval()
@@ -901,10 +911,11 @@ def _measure(root: nn.Module, batch: Any, cuts: list[_Cut],
                 finally:
                     for mod, was in modes:
                         mod.training = was
-        # one fewer: these refine only the frozen prefix's backward
-        for _ in range(max(1, repeat - 1) if early else 0):
-            _set_trainable(all_params, early)
-            timed_dgrad.append(runner.run())
+        if dgrad is not None:
+            timed_dgrad.append(dgrad)
+            for _ in range(fewer - 1):
+                _set_trainable(all_params, early)
+                timed_dgrad.append(runner.run())
     m.fwd, m.bwd = _median([t.fwd for t in timed]), _median([t.bwd for t in timed])
     m.frozen_fwd = _median([t.fwd for t in frozen])
     m.eval_fwd = _median([t.fwd for t in evals]) if evals else None
