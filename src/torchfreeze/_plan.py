@@ -886,22 +886,22 @@ def _measure(root: nn.Module, batch: Any, cuts: list[_Cut],
         if meta:
             return m
         timed, frozen, timed_dgrad, evals = [], [], [], []
+        # the boundaries whose frozen prefix runs under no_grad (no trained parameter is
+        # used before them): only their rows read the no-grad forward
+        no_grad_rows = [k for k in range(1, len(group_params)) if all(
+            first.first_use.get(i, k) >= k for i, g in group_of.items() if g >= k)]
         # FeatureCache fills in eval mode (pin_eval=True, or a model in eval mode: it
         # refuses random ops in train mode), often faster (no dropout): timed where a
         # cached row is possible
-        cacheable = any(k not in first.bypass and all(
-            first.first_use.get(i, k) >= k for i, g in group_of.items() if g >= k)
-            for k in range(1, len(group_params)))
+        cacheable = any(k not in first.bypass for k in no_grad_rows)
         modes = [(mod, mod.training) for mod in root.modules()]
         # one fewer pass (at least one) for what only refines the frozen prefix: its
-        # forward alone (a third of a step), and its input-gradient backward, of which
-        # the traced dgrad pass above is the first timing (the flop counter's cost per
-        # op is small beside a decoder layer's backward)
+        # forward alone (a third of a step) and its input-gradient backward
         fewer = max(1, repeat - 1)
         for i in range(repeat):
             _set_trainable(all_params, everything)
             timed.append(runner.run())
-            if i >= fewer:
+            if i >= fewer or not no_grad_rows:
                 continue
             frozen.append(runner.run(backward=False))
             if cacheable:
@@ -911,13 +911,13 @@ def _measure(root: nn.Module, batch: Any, cuts: list[_Cut],
                 finally:
                     for mod, was in modes:
                         mod.training = was
-        if dgrad is not None:
-            timed_dgrad.append(dgrad)
-            for _ in range(fewer - 1):
-                _set_trainable(all_params, early)
-                timed_dgrad.append(runner.run())
+        # not the traced dgrad pass: it ran second in a fresh model, and its timing of
+        # SmolLM2's input-gradient backward put the plan's speed-ups 15-25 % low
+        for _ in range(fewer if early else 0):
+            _set_trainable(all_params, early)
+            timed_dgrad.append(runner.run())
     m.fwd, m.bwd = _median([t.fwd for t in timed]), _median([t.bwd for t in timed])
-    m.frozen_fwd = _median([t.fwd for t in frozen])
+    m.frozen_fwd = _median([t.fwd for t in frozen]) if frozen else None
     m.eval_fwd = _median([t.fwd for t in evals]) if evals else None
     m.dgrad_bwd = _median([t.bwd for t in timed_dgrad]) if timed_dgrad else None
     return m
@@ -947,18 +947,18 @@ def _row(k: int, m: _Measured, trained: list[nn.Parameter], idx: ModelIndex,
         flops += sum(dgrad.bwd_flops[start:k])
     step = cached = speedup = cached_speedup = None
     upto = cuts[k - 1].upto if k > 0 else None
-    if m.fwd is not None and m.bwd is not None and m.frozen_fwd is not None:
+    # the frozen prefix records no graph (unless the backward runs through it)
+    prefix = m.fwd if through or k == 0 else m.frozen_fwd
+    if m.fwd is not None and m.bwd is not None and prefix is not None:
         b = sum(m.bwd[k:])
         if through and m.dgrad_bwd is not None:
             b += sum(m.dgrad_bwd[start:k])
         o = m.optimizer.seconds(trained)
-        # the frozen prefix records no graph (unless the backward runs through it)
-        prefix = m.fwd if through else m.frozen_fwd
         step = sum(prefix[:k]) + sum(m.fwd[k:]) + b + o
         if k > 0 and not through and upto is not None and k not in first.bypass:
             copy = first.copy_seconds.get(k, 0.0)  # one write (epoch 1), one read a step
             cached = sum(m.fwd[k:]) + b + o + copy
-            fill = sum((m.eval_fwd or m.frozen_fwd)[:k]) + sum(m.fwd[k:]) + b + o + copy
+            fill = sum((m.eval_fwd or prefix)[:k]) + sum(m.fwd[k:]) + b + o + copy
             if base:
                 cached_speedup = epochs * base / (fill + (epochs - 1) * cached)
         speedup = (base or step) / step
