@@ -21,7 +21,8 @@ none does).
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_llm.py [--steps 24] [--rows badam,badam-keep]
         [--switch-every N] [--seeds 0,1,2] [--evals N] [--lr 1e-4] [--json out.json]
 
-``--lr`` sets the learning rate of every row but LoRA's (which keeps its own).
+Each row trains at its own rate (``demo_llm.LLMRecipe.lr_of``: the best B-LLM
+measured for it); ``--lr`` sets one rate for every row but LoRA's.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def run_row(row: str, steps: int, seed: int, switch_every: int | None = None,
             lr: float | None = None) -> dict[str, Any]:
     from torchfreeze.demo_llm import DEFAULT, load_lm_data, load_tokenizer, train_strategy
 
-    recipe = replace(DEFAULT, steps=steps, seed=seed, evals=evals, switch_every=switch_every,
-                     lr=DEFAULT.lr if lr is None else lr)
+    recipe = replace(DEFAULT, steps=steps, seed=seed, evals=evals, switch_every=switch_every)
+    if lr is not None:  # one rate for every row but LoRA's
+        recipe = replace(recipe, lr=lr, badam_lr=lr, lisa_lr=lr)
     data = load_lm_data(load_tokenizer(), recipe)
     r = train_strategy(row, data, recipe, check=False, initial=initial)
     return {
@@ -102,8 +104,9 @@ def main() -> None:
                     help="the rotations' steps per block (default: max(1, steps // 4))")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--lr", type=float, default=None,
-                    help=f"learning rate of every row but LoRA (default {DEFAULT.lr}; LoRA "
-                         f"keeps {DEFAULT.lora_lr})")
+                    help="one learning rate for every row but LoRA (default: each row's "
+                         f"own: full and freeze-last4 {DEFAULT.lr}, badam {DEFAULT.badam_lr}, "
+                         f"lisa {DEFAULT.lisa_lr}; LoRA keeps {DEFAULT.lora_lr})")
     ap.add_argument("--row", help=argparse.SUPPRESS)
     ap.add_argument("--initial", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path)

@@ -181,8 +181,13 @@ class LLMRecipe:
         batch_size: articles per step (``steps x batch_size`` training articles).
         prompt_tokens: tokens of the article in each prompt (then ``"\\nTopic:"``).
         test: held-out articles the accuracy is measured on.
-        lr: learning rate of full, freeze-last4, badam and lisa.
+        lr: learning rate of full and freeze-last4.
         lora_lr: learning rate of LoRA's adapters.
+        badam_lr: learning rate of badam (and badam-keep).
+        lisa_lr: learning rate of lisa. Each rate is the best of those B-LLM
+            measured for its row (180 steps, 3 seeds; docs/benchmarks.md): full
+            fine-tuning did better at 2e-5 than at 1e-4, BAdam at 3e-4 than at
+            2e-5, 1e-4 or 2e-4, LISA at 1e-4 than at 2e-5.
         lora_r: LoRA's rank (alpha = 2 r; q, k, v, o projections).
         switch_every: steps per block of the rotations; ``None``: ``max(1, steps // 4)``.
         evals: test-set evaluations per trained strategy, evenly spaced, the last
@@ -197,6 +202,8 @@ class LLMRecipe:
     test: int = 100
     lr: float = 2e-5
     lora_lr: float = 2e-4
+    badam_lr: float = 3e-4
+    lisa_lr: float = 1e-4
     lora_r: int = 16
     switch_every: int | None = None
     evals: int | None = None
@@ -213,13 +220,15 @@ class LLMRecipe:
         return max(1, self.evals if self.evals is not None else self.steps // 24)
 
     def lr_of(self, strategy: str) -> float:
-        """The learning rate ``strategy`` trains at: ``lora_lr`` for LoRA, else ``lr``.
+        """The learning rate ``strategy`` trains at: its own (``lora_lr``, ``badam_lr``,
+        ``lisa_lr``), else ``lr``.
 
         Example:
-            >>> LLMRecipe(lr=1e-4).lr_of("badam"), LLMRecipe().lr_of("lora")
-            (0.0001, 0.0002)
+            >>> [DEFAULT.lr_of(s) for s in ("full", "lora", "badam", "badam-keep", "lisa")]
+            [2e-05, 0.0002, 0.0003, 0.0003, 0.0001]
         """
-        return self.lora_lr if strategy == "lora" else self.lr
+        return {"lora": self.lora_lr, "badam": self.badam_lr, "badam-keep": self.badam_lr,
+                "lisa": self.lisa_lr}.get(strategy, self.lr)
 
 
 #: ``torchfreeze demo --task llm``: 24 steps x 4 articles, 48 tokens, 100 test articles
@@ -376,7 +385,9 @@ def _build(name: str, model: Any, recipe: LLMRecipe) -> tuple[Any, torch.optim.O
         tfz.unfreeze(model, [f"model.layers.{i}" for i in range(NUM_LAYERS - 4, NUM_LAYERS)],
                      "model.norm")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=recipe.lr_of(name), weight_decay=0.0)
+    # fused: one kernel per step, no temporaries of a tensor's size (single-tensor AdamW
+    # makes two of the tied embedding's 113 MiB on a CPU)
+    opt = torch.optim.AdamW(params, lr=recipe.lr_of(name), weight_decay=0.0, fused=True)
     rot = None
     if name in ("badam", "badam-keep"):
         rot = tfz.RotatingFreeze(model, opt, order="descending", switch_every=recipe.switch,
@@ -615,17 +626,18 @@ def _table(rows: Sequence[LLMRow], recipe: LLMRecipe) -> Any:
                f"{recipe.prompt_tokens} tokens, {recipe.test} test articles, seed {recipe.seed}"),
         title_justify="left",
         caption=("trainable: parameters training at once (rotations: the active block + "
-                 "always); optimizer state: AdamW's bytes at their peak, measured; vs full: "
+                 "always); lr: each strategy's own learning rate (the best B-LLM measured "
+                 "for it); optimizer state: AdamW's bytes at their peak, measured; vs full: "
                  "that / full's; s/step: median (evaluation excluded); accuracy: the five "
                  "topic words scored at the prompt's end"
                  + ("; kept in host: with state='keep', the AdamW state of the layers "
                     "that left, in host memory, at its peak (on a CPU, the same RAM)"
                     if stash else "")),
         caption_justify="left")
-    cols = ["strategy", "trainable", "optimizer state", "vs full", "grads", "s/step",
+    cols = ["strategy", "trainable", "lr", "optimizer state", "vs full", "grads", "s/step",
             "train s", "accuracy", "frozen parts (verify)"]
     if stash:
-        cols.insert(3, "kept in host")
+        cols.insert(4, "kept in host")
     for col in cols:
         table.add_column(col, justify="left" if col in ("strategy", "frozen parts (verify)")
                          else "right")
@@ -639,12 +651,13 @@ def _table(rows: Sequence[LLMRow], recipe: LLMRecipe) -> Any:
         else:
             verdict = f"[bold red]CHANGED[/] {', '.join(r.verify['changed'][:2])}"
         cells = [r.name, fmt_count(r.trainable_params) if r.steps else "0",
+                 f"{recipe.lr_of(r.name):.0e}" if r.steps else "-",
                  _mib(r.state_bytes), ratio, _mib(r.grad_bytes),
                  "-" if r.s_per_step is None else f"{r.s_per_step:.2f}",
                  f"{r.train_seconds:.1f}" if r.steps else "-",
                  f"{100 * r.accuracy:.0f}%", verdict]
         if stash:
-            cells.insert(3, _mib(r.stash_bytes))
+            cells.insert(4, _mib(r.stash_bytes))
         table.add_row(*cells)
     return table
 
