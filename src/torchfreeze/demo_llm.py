@@ -327,7 +327,7 @@ def _accuracy(model: Any, data: LMData, chunk: int = 25) -> float:
 STRATEGIES: dict[str, str] = {
     "zero-shot": "the pretrained model, no training (the baseline)",
     "full": "AdamW over every parameter",
-    "lora": "peft LoRA, r=16 on q,k,v,o (lr 2e-4; needs peft)",
+    "lora": "peft LoRA, r=16 on q,k,v,o (needs peft)",
     "freeze-last4": "LLaMA-Factory's freeze-tuning: the last 4 layers + final norm",
     "badam": "tfz.RotatingFreeze descending, 1 of 30 layers at a time (BAdam)",
     "lisa": "tfz.RotatingFreeze random, 2 layers + always embeddings and norm (LISA)",
