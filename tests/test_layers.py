@@ -92,6 +92,24 @@ def test_model_without_repeated_stack_falls_back_to_children() -> None:
     assert_partition(model, groups)
 
 
+def test_blocks_in_a_sequential_beside_a_sequential_head_are_the_stack() -> None:
+    """``nn.Sequential(stem, nn.Sequential(*blocks), head)``: two Sequentials side by side
+    are not two blocks of one kind (one holds blocks, the other a flatten and a linear),
+    so the stack is the 4 blocks inside; ResNet's stages, Sequentials of one block class,
+    still are one stack (test_layers_on_real_architectures)."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.Sequential(*[nn.Sequential(nn.Conv2d(8, 8, 3), nn.ReLU()) for _ in range(4)]),
+        nn.Sequential(nn.Flatten(), nn.Linear(8, 2)))
+    groups = tfz.layers(model)
+    assert [(g.name, g.kind) for g in groups] == [
+        ("0", "stem"), ("1.0", "block"), ("1.1", "block"), ("1.2", "block"), ("1.3", "block"),
+        ("2.1", "head")]
+    assert_partition(model, groups)
+    tfz.freeze_to(model, 3)  # stem and two blocks frozen, as the user counts them
+    assert [p.requires_grad for p in model.parameters()] == [False] * 6 + [True] * 6
+
+
 def test_tied_weights_land_in_one_group() -> None:
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 4),
                           nn.Linear(4, 10, bias=False))

@@ -3,11 +3,13 @@
 A model is split into: everything before its main repeated stack (the stem or
 embeddings), each block of that stack, and everything after it (the head).
 The *main stack* is the run of two or more consecutive same-typed children of
-one module that holds the most parameters (runs of composite blocks first, so
-MiniLM's three embedding tables never beat its six encoder layers): BERT's ``encoder.layer``, ViT's
-blocks, ResNet/ConvNeXt stages (``layer1..layer4`` of torchvision's ResNet, a
-``ModuleList`` of stages in Hugging Face's). Models without one fall back to
-their top-level children that hold parameters.
+one module (for ``nn.Sequential``/``ModuleList``/``ModuleDict``: also holding
+children of the same types) that holds the most parameters (runs of composite
+blocks first, so MiniLM's three embedding tables never beat its six encoder
+layers): BERT's ``encoder.layer``, ViT's blocks, ResNet/ConvNeXt stages
+(``layer1..layer4`` of torchvision's ResNet, a ``ModuleList`` of stages in
+Hugging Face's). Models without one fall back to their top-level children that
+hold parameters.
 
 These groups drive :func:`~torchfreeze.freeze_to`, layer-wise LR decay and
 unfreezing schedules.
@@ -88,6 +90,21 @@ def _param_ids(m: nn.Module) -> set[int]:
     return {id(p) for p in m.parameters()}
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _same_kind(a: nn.Module, b: nn.Module) -> bool:
+    """Two blocks of one stack: the same class, and for the generic containers (whose
+    class says nothing of what they hold) children of the same classes: ResNet's
+    stages are Sequentials of the same block class, but a Sequential of blocks next to
+    a Sequential head (``nn.Sequential(stem, nn.Sequential(*blocks), head)``) is not."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, _CONTAINERS):
+        return {type(c) for c in a.children()} == {type(c) for c in b.children()}
+    return True
+
+
 def _find_stack(idx: ModelIndex) -> _Stack | None:
     best: _Stack | None = None
     for pname, parent in idx.modules.items():
@@ -97,7 +114,7 @@ def _find_stack(idx: ModelIndex) -> _Stack | None:
         i = 0
         while i < len(kids):
             j = i
-            while j + 1 < len(kids) and type(kids[j + 1][1]) is type(kids[i][1]):
+            while j + 1 < len(kids) and _same_kind(kids[j + 1][1], kids[i][1]):
                 j += 1
             if j > i:
                 run = kids[i : j + 1]
