@@ -93,12 +93,17 @@ def test_the_plan_is_printed_first_and_predicts_the_frozen_strategies_memory(qui
     assert text.index("tfz.plan: adamw") < text.index("test acc")
     plan = json.loads((quick["out"] / "plan.json").read_text())
     assert plan["marks"] == {"0": "full-fine-tune", "5": "partial-freeze",
-                             "7": "linear-probe"}
+                             "8": "linear-probe"}
     row = plan["rows"][5]  # partial-freeze: embeddings + layers 0-3 frozen
     s = quick["by_name"]["partial-freeze"]
     assert row["upto"] == "bert.encoder.layer.3"
     assert row["trainable"] == s["trainable_params"]
     assert row["memory"]["optimizer_state"] == s["optimizer_state_bytes"]
+    # linear-probe freezes the pooler too: its row is the one with the classifier alone
+    probe, s = plan["rows"][8], quick["by_name"]["linear-probe"]
+    assert probe["frozen_through"] == "bert.pooler"
+    assert probe["trainable"] == s["trainable_params"]
+    assert probe["memory"]["optimizer_state"] == s["optimizer_state_bytes"]
     assert plan["rows"][0]["trainable"] == quick["by_name"]["full-fine-tune"]["trainable_params"]
 
 

@@ -753,9 +753,10 @@ def select_strategies(names: Sequence[str] | None, *, quick: bool) -> list[str]:
     return list(names)
 
 
-#: the freeze boundary (frozen layer groups of tfz.layers) each strategy trains at
+#: the freeze boundary each strategy trains at: how many of the plan's groups (the
+#: embeddings, each encoder layer, the pooler, the classifier) it freezes
 STRATEGY_BOUNDARY = {"full-fine-tune": 0, "partial-freeze": 1 + 4,
-                     "linear-probe": 1 + NUM_LAYERS}  # it also freezes the pooler
+                     "linear-probe": 1 + NUM_LAYERS + 1}
 
 
 def plan_for(model: nn.Module, data: NewsData, recipe: Recipe, names: Sequence[str],
@@ -767,7 +768,10 @@ def plan_for(model: nn.Module, data: NewsData, recipe: Recipe, names: Sequence[s
     bs = recipe.batch_size
     batch = {"input_ids": data.train_x[:bs], "attention_mask": data.train_mask[:bs],
              "labels": data.train_y[:bs]}
-    p = plan(model, batch, epochs=recipe.epochs, batches_per_epoch=per_epoch)
+    # the pooler a group of its own (tfz.layers puts it in the head): linear-probe
+    # freezes it and trains the classifier alone
+    groups = [prefix for _, prefix in _layer_names()]
+    p = plan(model, batch, layers=groups, epochs=recipe.epochs, batches_per_epoch=per_epoch)
     marks: dict[int, list[str]] = {}
     for name in names:
         if name in STRATEGY_BOUNDARY:
