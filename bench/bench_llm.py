@@ -49,7 +49,7 @@ def run_row(row: str, steps: int, seed: int, switch_every: int | None = None,
     data = load_lm_data(load_tokenizer(), recipe)
     r = train_strategy(row, data, recipe, check=False, initial=initial)
     return {
-        "row": row, "lr": recipe.lr_of(row),
+        "row": row, "lr": None if row == "zero-shot" else recipe.lr_of(row),
         "steps": r.steps, "samples": r.samples, "seed": seed,
         "peak_rss_mib": r.peak_rss_mib,
         "switch_every": recipe.switch,
