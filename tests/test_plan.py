@@ -386,3 +386,25 @@ def test_a_tokenizer_batch_is_called_with_its_keys() -> None:
     assert [r.memory for r in tfz.plan(model, batch, repeat=1).rows] == \
         [r.memory for r in tfz.plan(model, dict(batch), repeat=1).rows]
     assert [g.name for g in tfz.layers(model, batch)] == [g.name for g in tfz.layers(model)]
+
+
+def test_a_narrow_console_leaves_columns_out_instead_of_squeezing_the_numbers() -> None:
+    """Printed where the whole table does not fit, the plan leaves out its least needed
+    columns, says which, and keeps every boundary number and step time whole; where it
+    fits (and in str()), every column is there."""
+    from rich.console import Console
+
+    p = tfz.plan(mlp(), torch.randn(32, 64), repeat=1).marked({0: "full-fine-tune"})
+    wide, narrow = Console(width=200, record=True), Console(width=110, record=True)
+    wide.print(p)
+    narrow.print(p)
+    full, cut = wide.export_text(), narrow.export_text()
+    assert "activations" in full and "too narrow" not in full
+    assert "activations" in str(p)
+    header = next(line for line in cut.splitlines() if "frozen through" in line)
+    assert "activations" not in header and "step" in header
+    assert "too narrow here for" in cut and "activations" in cut.split("too narrow")[1]
+    assert all(len(line) <= 110 for line in cut.splitlines())
+    rows = [line for line in cut.splitlines() if line.startswith("│")]
+    assert [line.split("│")[1].strip() for line in rows] == ["0", "1", "2"]
+    assert all("…" not in line.split("│")[4] for line in rows)  # step times whole

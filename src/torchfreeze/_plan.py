@@ -52,7 +52,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from rich.console import Group
+from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.table import Table
 from rich.text import Text
 from torch import nn
@@ -255,31 +255,68 @@ class Plan(Report):
     def __str__(self) -> str:
         return render_text(self._rich(), width=170)  # the whole table, on one line per row
 
-    def _rich(self) -> Group:
+    def __rich__(self) -> _Fitted:
+        return _Fitted(self)
+
+    def _rich(self, drop: Sequence[str] = ()) -> Group:
         per = "epoch" if self.batches_per_epoch else "batch"
         t = Table(title=f"tfz.plan: {self.optimizer}, batch {self.batch_size}, "
                         f"{self.epochs} epochs, on {self.device}", title_justify="left")
-        for col, just in (("k", "right"), ("frozen through", "left"), ("trainable", "right"),
-                          ("step", "right"), ("speed-up", "right"), ("cached step", "right"),
-                          (f"cached {self.epochs} ep", "right"), ("grads+state", "right"),
-                          ("activations", "right"), ("total", "right"),
-                          (f"cache/{per}", "right")) + ((("used by", "left"),) if self.marks
-                                                        else ()):
-            t.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
+        columns: list[tuple[str, str, list[str]]] = [
+            (col, just, []) for col, just in (
+                ("k", "right"), ("frozen through", "left"), ("trainable", "right"),
+                ("step", "right"), ("speed-up", "right"), ("cached step", "right"),
+                (f"cached {self.epochs} ep", "right"), ("grads+state", "right"),
+                ("activations", "right"), ("total", "right"), (f"cache/{per}", "right"),
+                *((("used by", "left"),) if self.marks else ()))]
         for r in self.rows:
             m = r.memory
             mark = "" if r.fits is None else (" ✓" if r.fits else " ✗")
-            t.add_row(f"{r.boundary}{mark}", r.frozen_through or "(nothing)",
-                      fmt_count(r.trainable), _fmt_s(r.step_seconds), _fmt_x(r.speedup),
-                      _fmt_s(r.cached_step_seconds), _fmt_x(r.cached_speedup),
-                      fmt_bytes(m.grads + m.optimizer_state), fmt_bytes(m.activations),
-                      fmt_bytes(m.total), fmt_bytes(r.cache_bytes),
-                      *((self.marks.get(r.boundary, ""),) if self.marks else ()))
+            cells = (f"{r.boundary}{mark}", r.frozen_through or "(nothing)",
+                     fmt_count(r.trainable), _fmt_s(r.step_seconds), _fmt_x(r.speedup),
+                     _fmt_s(r.cached_step_seconds), _fmt_x(r.cached_speedup),
+                     fmt_bytes(m.grads + m.optimizer_state), fmt_bytes(m.activations),
+                     fmt_bytes(m.total), fmt_bytes(r.cache_bytes),
+                     *((self.marks.get(r.boundary, ""),) if self.marks else ()))
+            for (_, _, values), cell in zip(columns, cells):
+                values.append(cell)
+        shown = [c for c in columns if not any(c[0].startswith(d) for d in drop)]
+        for col, just, _ in shown:
+            t.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
+        for i in range(len(self.rows)):
+            t.add_row(*(values[i] for _, _, values in shown))
         notes = [f"k={r.boundary}: {r.note}" for r in self.rows if r.note]
+        hidden = [c[0] for c in columns if c not in shown]
         foot = Text(f"weights {fmt_bytes(self.rows[0].memory.weights)} at every boundary; "
                     f"planned in {self.plan_seconds:.1f} s"
+                    + (f"; too narrow here for {', '.join(hidden)} (print(plan) or "
+                       "plan.to_dict() has every column)" if hidden else "")
                     + ("".join(f"\n{n}" for n in _dedupe_notes(notes))))
         return Group(t, foot)
+
+
+#: the columns a narrow console leaves out first (the rest of each row still fits)
+_DROP_ORDER = ("activations", "grads+state", "cached step", "cache/", "trainable")
+
+
+class _Fitted:
+    """A plan as rich prints it: the whole table where it fits, else without the columns
+    of ``_DROP_ORDER``, one at a time, until it does (never a squeezed-away number)."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        drop: list[str] = []
+        table = self.plan._rich()
+        wide = options.update_width(1 << 14)  # the table's own width, not the console's
+        for column in _DROP_ORDER:
+            if console.measure(table.renderables[0], options=wide).maximum \
+                    <= options.max_width:
+                break
+            drop.append(column)
+            table = self.plan._rich(drop)
+        yield table
 
 
 def _dedupe_notes(notes: list[str]) -> list[str]:
