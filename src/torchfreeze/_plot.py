@@ -123,6 +123,22 @@ def plot_diff(diff: CheckpointDiff, path: str | os.PathLike[str]) -> None:
     _save(fig, path)
 
 
+def unoverlap(fig: Any, labels: list[Any]) -> None:
+    """Move annotations (in offset points) down, top one first, until none overlaps
+    another: several curves often end at the same accuracy and time."""
+    fig.draw_without_rendering()  # the final layout, so the boxes are where they print
+    placed: list[Any] = []
+    for label in sorted(labels, key=lambda t: -t.get_window_extent().y1):
+        box = label.get_window_extent()
+        for _ in range(len(labels)):
+            if not any(box.overlaps(other) for other in placed):
+                break
+            x, y = label.xyann
+            label.xyann = (x, y - box.height * 72 / fig.dpi - 1)
+            box = label.get_window_extent()
+        placed.append(box)
+
+
 def plot_news(payload: dict[str, Any], drift: dict[str, dict[str, float]],
               path: str | os.PathLike[str], *, title: str = "") -> None:
     """Time to accuracy (test accuracy vs train seconds) beside the per-layer drift heat-map.
@@ -142,6 +158,7 @@ def plot_news(payload: dict[str, Any], drift: dict[str, dict[str, float]],
               "gradual-unfreeze": ("tab:orange", "v"), "auto-freeze": ("tab:purple", "P")}
     seconds = [s for r in rows for s, _ in r["curve"] if s > 0]
     floor = min(seconds) / 2 if seconds else 0.1
+    ends = []
     for r in rows:
         color, marker = styles.get(r["name"], (None, "x"))
         # log time axis: the cached linear probe trains in seconds, full fine-tuning in
@@ -149,10 +166,10 @@ def plot_news(payload: dict[str, Any], drift: dict[str, dict[str, float]],
         xs = [max(s, floor) for s, _ in r["curve"]]
         ys = [100 * a for _, a in r["curve"]]
         ax_acc.plot(xs, ys, marker=marker, color=color, label=r["name"], linewidth=1.8)
-        ax_acc.annotate(f"{ys[-1]:.1f}%", (xs[-1], ys[-1]), textcoords="offset points",
-                        xytext=(7, -4), fontsize=9, color=color,
-                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
-                              "alpha": 0.8})
+        ends.append(ax_acc.annotate(
+            f"{ys[-1]:.1f}%", (xs[-1], ys[-1]), textcoords="offset points", xytext=(7, -4),
+            fontsize=9, color=color,
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8}))
     full = next((r for r in rows if r["name"] == "full-fine-tune"), None)
     if full is not None:
         ax_acc.axhline(100 * full["test_accuracy"] - 1, color="black", linestyle=":",
@@ -173,6 +190,7 @@ def plot_news(payload: dict[str, Any], drift: dict[str, dict[str, float]],
                    title="relative weight change per layer ‖Δw‖ / ‖w₀‖ (log colour; green: frozen)")
     if title:
         fig.suptitle(title, fontsize=12)
+    unoverlap(fig, ends)
     _save(fig, path)
 
 
