@@ -20,7 +20,14 @@ from ._select import ModelIndex, Selection, Selector, require_module, resolve
 from ._snapshot import capture, restore
 from ._state import check_format, register
 from .errors import DistributedFreezeError, FreezeStateError, TiedWeightWarning, TorchfreezeError
-from .norm import BN_POLICIES, BNPolicy, bn_policy, is_batchnorm, set_bn_policy
+from .norm import (
+    BN_POLICIES,
+    BNPolicy,
+    bn_policy,
+    check_bn_policy,
+    is_batchnorm,
+    set_bn_policy,
+)
 
 __all__ = [
     "freeze",
@@ -60,15 +67,6 @@ def warn_tied(sel: Selection, action: str, stacklevel: int = 3) -> None:
             "explicit, or untie the weights first if you meant only one.",
             TiedWeightWarning,
             stacklevel=stacklevel,
-        )
-
-
-def _check_bn(bn: str) -> None:
-    if bn not in BN_POLICIES:
-        raise TorchfreezeError(
-            f"bn={bn!r} is not a BatchNorm policy. Use 'eval' (frozen BN keeps its "
-            "statistics, the default), 'train' (BN stays trainable, fastai's train_bn) or "
-            "'stats' (affine frozen, statistics keep updating)."
         )
 
 
@@ -125,7 +123,7 @@ def freeze(
         (True, False)
     """
     require_module(model, "freeze")
-    _check_bn(bn)
+    check_bn_policy(bn)
     _refuse_wrapped(model, "freeze")
     idx = ModelIndex(model)
     sel = resolve(model, selectors, exclude=exclude, index=idx, trainable=True)
@@ -260,7 +258,7 @@ def frozen(
         True
     """
     require_module(model, "frozen")
-    _check_bn(bn)
+    check_bn_policy(bn)
     _refuse_wrapped(model, "freeze")
     snapshot = capture(model)
     sel = freeze(model, *selectors, bn=bn, exclude=exclude)
@@ -297,7 +295,7 @@ def freeze_to(
     from ._layers import layers
 
     require_module(model, "freeze_to")
-    _check_bn(bn)
+    check_bn_policy(bn)
     _refuse_wrapped(model, "freeze")
     groups = layers(model, example_inputs=example_inputs)
     if abs(n) > len(groups):

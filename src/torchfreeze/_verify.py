@@ -218,14 +218,14 @@ def _frozen_bn(m: nn.Module) -> bool:
 _OPEN: list[_Snapshot] = []
 
 
-def _frozen_now(params: Sequence[torch.Tensor]) -> None:
+def frozen_now(params: Sequence[torch.Tensor]) -> None:
     """Called by AutoFreeze and RotatingFreeze right after they froze ``params``
     (and pinned their BN): they are copied now and compared from then on."""
     for snap in list(_OPEN):
         snap.frozen_now(params)
 
 
-def _unfrozen_now(params: Sequence[torch.Tensor]) -> None:
+def unfrozen_now(params: Sequence[torch.Tensor]) -> None:
     """Called by RotatingFreeze right before it makes ``params`` trainable again:
     each is compared with its copy now (so its frozen stretch is proven), then
     watched as a trainable tensor."""

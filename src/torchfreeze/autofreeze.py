@@ -564,9 +564,9 @@ class AutoFreeze:
             for gi in new:
                 self._pinned += _pin_eval(self.module, self._groups[gi][1])
         self.freed_bytes += _drop_from_optimizer(self._opt, params)
-        from ._verify import _frozen_now
+        from ._verify import frozen_now
 
-        _frozen_now(params)
+        frozen_now(params)
         if record_events:
             self.events.extend((self._step, self.groups[gi]) for gi in new)
         self._n = target

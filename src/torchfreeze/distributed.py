@@ -74,7 +74,6 @@ from ._compat import (
     remove_ddp_autograd_hooks,
 )
 from ._freeze import (
-    _check_bn,
     _group_name,
     _touched_bn,
     freeze_state,
@@ -84,7 +83,7 @@ from ._freeze import unfreeze as _unfreeze_module
 from ._select import ModelIndex, Selector, resolve
 from ._snapshot import Snapshot, capture, restore
 from .errors import DistributedFreezeError, TorchfreezeError
-from .norm import BNPolicy
+from .norm import BNPolicy, check_bn_policy
 
 __all__ = ["construction_kwargs", "freeze", "swap", "unfreeze"]
 
@@ -571,7 +570,7 @@ def freeze(
     error: Exception | None = None
     plan: Any = None
     try:
-        _check_bn(bn)
+        check_bn_policy(bn)
         idx = ModelIndex(module)
         sel = resolve(module, selectors, exclude=exclude, index=idx, trainable=True)
         kept: set[int] = set()
@@ -628,7 +627,7 @@ def swap(
     error: Exception | None = None
     plan: Any = None
     try:
-        _check_bn(bn)
+        check_bn_policy(bn)
         if kind == "ddp":
             freeze, unfreeze = _strip_prefix(freeze, module), _strip_prefix(unfreeze, module)
         idx = ModelIndex(module)

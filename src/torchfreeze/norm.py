@@ -44,6 +44,17 @@ BNPolicy = Literal["eval", "train", "stats"]
 BN_POLICIES: tuple[str, ...] = ("eval", "train", "stats")
 
 
+def check_bn_policy(bn: object) -> None:
+    """Refuse what is not a BatchNorm policy: one rule and one message for every
+    function that takes ``bn=`` (freeze, unfreeze, frozen, schedules, callbacks)."""
+    if bn not in BN_POLICIES:
+        raise TorchfreezeError(
+            f"bn={bn!r} is not a BatchNorm policy. Use 'eval' (frozen BN keeps its "
+            "statistics, the default), 'train' (BN stays trainable, fastai's train_bn) or "
+            "'stats' (affine frozen, statistics keep updating)."
+        )
+
+
 def is_batchnorm(module: nn.Module) -> bool:
     """True for layers with running statistics: BatchNorm1d/2d/3d, SyncBatchNorm,
     lazy variants, InstanceNorm with ``track_running_stats=True``, FrozenBatchNorm."""
@@ -66,10 +77,8 @@ def set_bn_policy(module: nn.Module, policy: str | None, *, training: bool) -> N
     ``training`` is the mode the layer takes when it is not pinned, normally
     the mode of the model it sits in.
     """
-    if policy is not None and policy not in BN_POLICIES:
-        raise TorchfreezeError(
-            f"bn={policy!r} is not a BatchNorm policy; use one of {', '.join(BN_POLICIES)}."
-        )
+    if policy is not None:
+        check_bn_policy(policy)
     d = module.__dict__
     unpin(module, training=training)
     if policy is None:

@@ -304,7 +304,7 @@ class RotatingFreeze:
 
     def _activate(self, window: list[int], *, first: bool = False,
                   restore_stash: bool = True) -> list[str]:
-        from ._verify import _frozen_now, _unfrozen_now
+        from ._verify import frozen_now, unfrozen_now
 
         old = set(range(len(self.groups))) if first else set(self._current)
         outgoing = [i for i in sorted(old) if i not in window]
@@ -317,7 +317,7 @@ class RotatingFreeze:
         if first:
             in_params += [idx.params[n] for n in self.always]
         opt = unwrap_optimizer(self.optimizer)
-        _unfrozen_now(in_params)
+        unfrozen_now(in_params)
         with warnings.catch_warnings():
             # a tied embedding/head is one group of tfz.layers: both names move together
             warnings.simplefilter("ignore", TiedWeightWarning)
@@ -349,7 +349,7 @@ class RotatingFreeze:
                     opt.state[p] = {k: v.to(devices.get(k, p.device), copy=True)
                                     if isinstance(v, torch.Tensor) else v
                                     for k, v in saved.items()}
-        _frozen_now(out_params)
+        frozen_now(out_params)
         self._current = list(window)
         self.events.append((self.steps, self.active))
         return [self.groups[i][0] for i in incoming]

@@ -40,7 +40,7 @@ from ._snapshot import capture, restore
 from ._state import check_format, register
 from ._wrappers import is_ddp
 from .errors import FreezeStateError, SelectionError, TorchfreezeError
-from .norm import BN_POLICIES, BNPolicy, set_bn_policy
+from .norm import BNPolicy, check_bn_policy, set_bn_policy
 
 __all__ = ["FineTune", "GradualUnfreeze", "fine_tune_schedule"]
 
@@ -139,10 +139,7 @@ class GradualUnfreeze:
                 "schedule must be a non-empty dict {epoch: selectors}, e.g. "
                 f"{{2: 'encoder.layer.11', 4: 'encoder.layer.10'}}; got {schedule!r}."
             )
-        if bn not in BN_POLICIES:
-            raise TorchfreezeError(
-                f"bn={bn!r} is not a BatchNorm policy; use one of {', '.join(BN_POLICIES)}."
-            )
+        check_bn_policy(bn)
         sched = {_check_epoch("schedule key", k): v for k, v in schedule.items()}
         target = model.module if is_ddp(model) else model
         idx = ModelIndex(target)

@@ -14,11 +14,10 @@ from typing import Any
 
 from torch import nn
 
-from .._freeze import _check_bn
 from .._select import Selector, resolve
 from .._state import check_format, register
 from ..errors import FreezeStateError, SelectionError, TorchfreezeError
-from ..norm import BNPolicy
+from ..norm import BNPolicy, check_bn_policy
 
 __all__: list[str] = []
 
@@ -47,7 +46,7 @@ class _Plan:
         lr: float | None,
         lr_mult: float | None,
     ) -> None:
-        _check_bn(bn)
+        check_bn_policy(bn)
         if lr is not None and lr_mult is not None:
             raise TorchfreezeError(
                 f"pass lr= or lr_mult= for scheduled param groups, not both (got lr={lr}, "
