@@ -137,3 +137,29 @@ def test_hf_resnet_frozen_backbone_bn_statistics_never_move() -> None:
         opt.step()
     moved = changed(before, model)
     assert moved and all(k.startswith("classifier") for k in moved)
+
+
+def test_every_function_taking_bn_refuses_an_unknown_policy_alike_and_changes_nothing() -> None:
+    """One rule, one message: what each policy does, for freeze, freeze_to, frozen,
+    GradualUnfreeze and set_bn_policy; the model is as it was."""
+    from torchfreeze.norm import set_bn_policy
+
+    model = TinyResNet()
+    before = snapshot(model)
+    flags = [p.requires_grad for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = [
+        lambda: tfz.freeze(model, "layer1", bn="evaluate"),
+        lambda: tfz.freeze_to(model, 2, bn="evaluate"),
+        lambda: tfz.frozen(model, "layer1", bn="evaluate").__enter__(),
+        lambda: tfz.GradualUnfreeze(model, opt, schedule={0: "fc"}, bn="evaluate"),
+        lambda: set_bn_policy(model.bn1, "evaluate", training=True),
+    ]
+    for call in calls:
+        with pytest.raises(TorchfreezeError) as info:
+            call()
+        assert "bn='evaluate' is not a BatchNorm policy. Use 'eval'" in str(info.value)
+        assert "'stats' (affine frozen, statistics keep updating)" in str(info.value)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert not changed(before, model)
+    assert bn_policy(model.bn1) is None and bn_policy(model.layer1[1]) is None
