@@ -289,8 +289,9 @@ class Plan(Report):
         hidden = [c[0] for c in columns if c not in shown]
         foot = Text(f"weights {fmt_bytes(self.rows[0].memory.weights)} at every boundary; "
                     f"planned in {self.plan_seconds:.1f} s"
-                    + (f"; too narrow here for {', '.join(hidden)} (print(plan) or "
-                       "plan.to_dict() has every column)" if hidden else "")
+                    + (f"; too narrow here for {', '.join(hidden)} (str(plan), "
+                       "plan.to_dict() and the command line's --json have every column)"
+                       if hidden else "")
                     + ("".join(f"\n{n}" for n in _dedupe_notes(notes))))
         return Group(t, foot)
 
