@@ -386,7 +386,7 @@ def _build(name: str, model: Any, recipe: LLMRecipe) -> tuple[Any, torch.optim.O
                      "model.norm")
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel per step, no temporaries of a tensor's size (single-tensor AdamW
-    # makes two of the tied embedding's 113 MiB on a CPU)
+    # makes two of the tied embedding's 108 MiB on a CPU)
     opt = torch.optim.AdamW(params, lr=recipe.lr_of(name), weight_decay=0.0, fused=True)
     rot = None
     if name in ("badam", "badam-keep"):
