@@ -46,7 +46,7 @@ BN_POLICIES: tuple[str, ...] = ("eval", "train", "stats")
 
 def check_bn_policy(bn: object) -> None:
     """Refuse what is not a BatchNorm policy: one rule and one message for every
-    function that takes ``bn=`` (freeze, unfreeze, frozen, schedules, callbacks)."""
+    function that takes ``bn=`` (freeze, freeze_to, frozen, schedules, callbacks)."""
     if bn not in BN_POLICIES:
         raise TorchfreezeError(
             f"bn={bn!r} is not a BatchNorm policy. Use 'eval' (frozen BN keeps its "
