@@ -130,6 +130,25 @@ def test_unfreezing_a_root_parameter_of_the_prefix_is_refused_naming_it() -> Non
         model(torch.randn(2, 3, 8, 8))
 
 
+def test_a_refusal_is_repeated_until_its_cause_is_gone() -> None:
+    """A caught refusal must not let the next batch replay: the cause is still there."""
+    enc = nn.Linear(3, 3).requires_grad_(False)
+    cache = tfz.FeatureCache(enc)
+    x, ids = torch.randn(4, 3), torch.arange(4)
+    for _ in range(2):
+        with cache.keys(ids):
+            enc(x)
+    enc.weight.requires_grad_(True)
+    for _ in range(3):
+        with pytest.raises(CacheError, match="1 of its parameters are trainable"), \
+                cache.keys(ids):
+            enc(x)
+    enc.weight.requires_grad_(False)
+    with cache.keys(ids):
+        assert torch.equal(enc(x), F.linear(x, enc.weight, enc.bias))
+    assert (cache.hits, cache.misses) == (8, 4)
+
+
 # ------------------------------------------------------------------ 4. randomness
 class DropPath(nn.Module):
     """timm's stochastic depth: a per-sample bernoulli mask, no nn.Dropout in sight."""

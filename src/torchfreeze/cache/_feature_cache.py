@@ -1350,14 +1350,20 @@ class FeatureCache:
         if guard.random:
             guard.check_random()
         if guard.changed():
-            guard.check_frozen(self._boundary_name)
-            self._check_fingerprint()
+            try:
+                guard.check_frozen(self._boundary_name)
+                self._check_fingerprint()
+            except BaseException:
+                guard.forget()  # refused: the next batch finds the same change and refuses
+                raise
 
     def _check_fingerprint(self) -> None:
+        before = self._guard.fingerprint
         changed = self._guard.differences()
         if not changed:
             return
         if self._persist is not None and self._persist.claimed:
+            self._guard.fingerprint = before
             raise guards.changed_error(self._persist.path, changed)
         dropped = len(self)
         if dropped:

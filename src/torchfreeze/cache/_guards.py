@@ -384,6 +384,10 @@ class Watch:
         self.key = key
         return True
 
+    def forget(self) -> None:
+        """Make the next :meth:`changed` report a change (after a refusal)."""
+        self.key = [None]
+
     def training(self) -> tuple[bool, ...]:
         return tuple(map(_TRAINING, self.modules))
 
