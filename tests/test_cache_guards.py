@@ -149,6 +149,79 @@ def test_a_refusal_is_repeated_until_its_cause_is_gone() -> None:
     assert (cache.hits, cache.misses) == (8, 4)
 
 
+# ------------------------------------------------------- the steady replay path
+def _write(model: nn.Module) -> None:
+    with torch.no_grad():
+        model.bert.encoder.layer[0].output.dense.weight.add_(0.01)
+
+
+def _swap(model: nn.Module) -> None:
+    w = model.bert.embeddings.word_embeddings.weight
+    w.data = w.data * 2  # no version bump: a new storage
+
+
+def _reassign(model: nn.Module) -> None:
+    ln = model.bert.embeddings.LayerNorm
+    ln.weight = nn.Parameter(ln.weight.detach() * 2, requires_grad=False)
+
+
+STEADY_CHANGES = {
+    "in-place write": (_write, None),
+    ".data swap": (_swap, None),
+    "reassigned parameter": (_reassign, None),
+    "unfrozen weight": (lambda m: m.bert.encoder.layer[1].intermediate.dense.weight
+                        .requires_grad_(True), "trainable"),
+    "train mode": (lambda m: m.train(), "dropout .* is active because it is in train mode"),
+    "another padded length": (lambda m: None, r"per-sample shape \(16,\) on cpu now"),
+    "fewer ids than rows": (lambda m: None, "was given 3 sample ids"),
+}
+
+
+@pytest.mark.parametrize("change", list(STEADY_CHANGES))
+def test_a_batch_replayed_like_the_last_one_still_passes_every_guard(change: str) -> None:
+    """After a full replay, the next batches take a shorter path (checked against what
+    the last one was checked against): every change still invalidates or refuses."""
+    model = frozen_bert()
+    cache = tfz.FeatureCache(model, upto=UPTO)
+    x, ids = tokens(4, 12), torch.arange(4)
+    for _ in range(3):
+        with cache.keys(ids):
+            model(x)
+    assert cache._steady is not None and (cache.hits, cache.misses) == (8, 4)  # in use
+    act, refusal = STEADY_CHANGES[change]
+    act(model)
+    if change == "another padded length":
+        x = tokens(4, 16)
+    if change == "fewer ids than rows":
+        ids = torch.arange(3)
+    if refusal is not None:
+        for _ in range(2):
+            with pytest.raises(CacheError, match=refusal), cache.keys(ids):
+                model(x)
+        return
+    with pytest.warns(UserWarning, match="of the cached prefix changed"), cache.keys(ids):
+        cached = model(x).logits
+    with cache.keys(ids):
+        again = model(x).logits
+    plain = model(x).logits  # outside keys(): uncached, with the changed weights
+    assert torch.equal(cached, plain) and torch.equal(again, plain)
+    assert (cache.invalidations, cache.misses, cache.hits) == (1, 8, 12)
+
+
+def test_an_autocast_batch_after_steady_replays_is_its_own_entry() -> None:
+    model = frozen_bert()
+    cache = tfz.FeatureCache(model, upto=UPTO)
+    x, ids = tokens(4, 12), torch.arange(4)
+    for _ in range(3):
+        with cache.keys(ids):
+            model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16), cache.keys(ids):
+        cached = model(x).logits
+    assert (cache.hits, cache.misses) == (8, 8)  # computed under autocast, not replayed
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(cached, model(x).logits)
+
+
 # ------------------------------------------------------------------ 4. randomness
 class DropPath(nn.Module):
     """timm's stochastic depth: a per-sample bernoulli mask, no nn.Dropout in sight."""

@@ -374,15 +374,23 @@ class Watch:
             if t is not None:
                 yield name, t
 
+    def _now(self) -> list[Any]:
+        ts = self.tensors  # three C-level passes, no object per tensor
+        return [*map(tensor_version, ts), *map(_REQUIRES_GRAD, ts), *map(_DATA_PTR, ts)]
+
     def changed(self) -> bool:
         """Whether any watched tensor was written, replaced or unfrozen since the last
-        call (cheap: runs every batch)."""
-        ts = self.tensors  # three C-level passes, no object per tensor
-        key = [*map(tensor_version, ts), *map(_REQUIRES_GRAD, ts), *map(_DATA_PTR, ts)]
+        call (cheap: runs every batch); the caller checks what changed."""
+        key = self._now()
         if key == self.key:
             return False
         self.key = key
         return True
+
+    def unchanged(self) -> bool:
+        """Whether no watched tensor changed since the last :meth:`changed` (which
+        then stays the one to report a change)."""
+        return self._now() == self.key
 
     def forget(self) -> None:
         """Make the next :meth:`changed` report a change (after a refusal)."""

@@ -46,6 +46,12 @@ class Storage(Protocol):
         """One tensor ``[n, *sample_shape]`` per output leaf, rows in the order of ``slots``."""
         ...
 
+    def read_ids(self, ids: IdBatch, device: torch.device) -> list[torch.Tensor] | None:
+        """The rows of ``ids`` as :meth:`read` gives them, when every id is stored and one
+        cheap lookup finds them (the steady replay); ``None`` otherwise (no side effect:
+        the caller then takes :meth:`lookup` and :meth:`read`)."""
+        ...
+
     def write(self, ids: IdBatch, leaves: list[torch.Tensor]) -> None:
         """Store rows (``leaf[i]`` is the row of ``ids[i]``); ids already present are skipped."""
         ...

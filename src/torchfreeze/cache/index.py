@@ -76,6 +76,16 @@ class IdIndex:
                 out.append(other.get(key, -1))
         return torch.tensor(out, dtype=torch.long)
 
+    def table_slots(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """The table's entry of each id (``-1`` where not stored), or ``None`` when an id
+        may live outside the table: one gather, which bounds-checks."""
+        if self._other:
+            return None
+        try:
+            return self._table.index_select(0, ids)
+        except (IndexError, RuntimeError):
+            return None
+
     def _lookup_tensor(self, ids: torch.Tensor) -> torch.Tensor:
         size = self._table.numel()
         if not self._other:

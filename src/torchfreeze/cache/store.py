@@ -191,6 +191,23 @@ class SlabStore:
             out.append(full)
         return out
 
+    def read_ids(self, ids: IdBatch, device: torch.device) -> list[torch.Tensor] | None:
+        """The steady replay: every id stored in a RAM slab on the CPU and read to the
+        CPU, so a batch is one gather for the slots and one per output; ``None``
+        otherwise. A missing id's slot is ``-1``, which the gather refuses, so no separate
+        hit test runs (a CUDA gather would fail asynchronously: not taken there)."""
+        if self._log is not None or self._disk_used or not self._mem or \
+                not isinstance(ids, torch.Tensor) or self.device.type != "cpu" or \
+                device.type != "cpu":
+            return None
+        slots = self._index.table_slots(ids)
+        if slots is None:
+            return None
+        try:
+            return [slab.data.index_select(0, slots) for slab in self._mem]
+        except IndexError:
+            return None  # an id not stored: its slot is -1
+
     def _staging(self, i: int, n: int, device: torch.device) -> torch.Tensor:
         # Host rows bound for an accelerator go through page-locked memory, so the copy
         # is asynchronous; the caching host allocator keeps the buffer until it is done.
