@@ -744,8 +744,10 @@ class FeatureCache:
                 if self._filling:
                     self.hits += state.n
                     raise _StopAtBoundary
-                leaves = seg.leaves if seg.leaves is not None else \
-                    ns.storage.read(seg.slots, spec.device)
+                leaves = seg.leaves
+                if leaves is None:
+                    assert seg.slots is not None
+                    leaves = ns.storage.read(seg.slots, spec.device)
                 self.hits += state.n
                 if self._forced_grad:
                     leaves = [t.detach().requires_grad_() if t.is_floating_point() else t
