@@ -1065,7 +1065,7 @@ class FeatureCache:
         if type(first) is not torch.Tensor or not first.dim() or first.shape[0] != state.n \
                 or self.validate or self._filling or state.discovery is not None:
             return None
-        device = first.device.type
+        device = "cpu" if first.is_cpu else first.device.type  # is_cpu: no device object
         autocast = (device, torch.get_autocast_dtype(device)) \
             if torch.is_autocast_enabled(device) else None
         assert ns.spec is not None and ns.storage is not None

@@ -454,8 +454,7 @@ def normalize_ids(sample_ids: Any) -> tuple[IdBatch, int]:
     """A 1-D long CPU tensor for integer ids (tensors, 0-d integer tensors, numpy), a
     list for other hashables; anything that cannot name a sample by value is refused."""
     if isinstance(sample_ids, torch.Tensor):
-        if sample_ids.dtype is torch.long and sample_ids.dim() == 1 and \
-                sample_ids.device.type == "cpu":
+        if sample_ids.dtype is torch.long and sample_ids.dim() == 1 and sample_ids.is_cpu:
             return sample_ids, sample_ids.shape[0]  # the usual batch: nothing to convert
         if sample_ids.dim() != 1 or sample_ids.is_floating_point() or sample_ids.is_complex() \
                 or sample_ids.dtype == torch.bool:
