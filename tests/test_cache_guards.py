@@ -187,7 +187,7 @@ def test_a_batch_replayed_like_the_last_one_still_passes_every_guard(change: str
     for _ in range(3):
         with cache.keys(ids):
             model(x)
-    assert cache._steady is not None and (cache.hits, cache.misses) == (8, 4)  # in use
+    assert cache._steady and (cache.hits, cache.misses) == (8, 4)  # in use
     act, refusal = STEADY_CHANGES[change]
     act(model)
     if change == "another padded length":
@@ -206,6 +206,27 @@ def test_a_batch_replayed_like_the_last_one_still_passes_every_guard(change: str
     plain = model(x).logits  # outside keys(): uncached, with the changed weights
     assert torch.equal(cached, plain) and torch.equal(again, plain)
     assert (cache.invalidations, cache.misses, cache.hits) == (1, 8, 12)
+
+
+def test_two_calls_of_the_boundary_per_batch_each_replay_steadily_and_are_watched() -> None:
+    """A shared encoder called twice per batch (a sentence pair): two namespaces, each
+    with its own steady replay; a weight change reaches both."""
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(6, 6), nn.Tanh()).requires_grad_(False)
+    cache = tfz.FeatureCache(enc)
+    a, b, ids = torch.randn(4, 6), torch.randn(4, 6), torch.arange(4)
+    for _ in range(4):
+        with cache.keys(ids):
+            left, right = enc(a), enc(b)
+    assert len(cache._steady) == 2 and (cache.hits, cache.misses) == (24, 8)
+    assert torch.equal(left, enc(a)) and torch.equal(right, enc(b))
+    with torch.no_grad():
+        enc[0].bias.add_(1.0)
+    with pytest.warns(UserWarning, match="'0.bias' of the cached prefix changed"), \
+            cache.keys(ids):
+        left, right = enc(a), enc(b)
+    assert torch.equal(left, enc(a)) and torch.equal(right, enc(b))
+    assert (cache.invalidations, cache.misses) == (1, 16)
 
 
 def test_an_autocast_batch_after_steady_replays_is_its_own_entry() -> None:

@@ -495,7 +495,8 @@ class FeatureCache:
         self._budget = StorageBudget(max_bytes, storage, self.directory)
         self._namespaces: dict[_Key, _Namespace] = {}
         self._pass: _Pass | None = None
-        self._steady: _Steady | None = None
+        # per namespace: what its last fully replayed batch was checked against
+        self._steady: dict[_Key, _Steady] = {}
         self._closed = False
         self._pinned: list[nn.Module] = []
         self._feeders: list[FeatureCache] = []  # earlier caches activated by keys() (advance)
@@ -993,12 +994,11 @@ class FeatureCache:
 
     def _begin(self, state: _Pass, args: tuple[Any, ...], kwargs: dict[str, Any], *,
                first_is_boundary: bool) -> _Segment:
-        if self._steady is not None:
-            steady = self._steady_segment(self._steady, state, args, kwargs)
+        if self._steady:
+            steady = self._steady_segment(state, args, kwargs)
             if steady is not None:
                 state.segment = steady
                 return steady
-            self._steady = None
         self._scan()
         n = state.n
         # the first tensor input: the batch check and the autocast device in one look
@@ -1046,17 +1046,17 @@ class FeatureCache:
             seg.detector.__enter__()
         elif replay and seg.digests is None and not self._feeders and not self._filling and \
                 state.discovery is None:
-            self._steady = _Steady(ns, self._structure, self._guard.training())
+            self._steady[key] = _Steady(ns, self._structure, self._guard.training())
         return seg
 
-    def _steady_segment(self, steady: _Steady, state: _Pass, args: tuple[Any, ...],
+    def _steady_segment(self, state: _Pass, args: tuple[Any, ...],
                         kwargs: dict[str, Any]) -> _Segment | None:
-        """A batch replayed like the last one, checked in one pass: the same guards as the
-        general path (no (re)registration, the watched tensors' versions, data pointers
-        and ``requires_grad``, the train/eval state, random modules, the signature, the
-        batch size, the autocast state, every id stored), ``None`` at the first that
-        does not hold (the general path then runs and decides)."""
-        ns = steady.ns
+        """A batch replayed like its namespace's last one, checked in one pass: the same
+        guards as the general path (no (re)registration, the watched tensors' versions,
+        data pointers and ``requires_grad``, the train/eval state, random modules, the
+        signature, the batch size, every id stored), ``None`` at the first that does not
+        hold (the general path then runs and decides). Namespaces (two calls of the
+        boundary per batch, autocast) each keep their own."""
         first = None  # the first tensor argument, as the general path finds it
         for value in (*args, *kwargs.values()) if kwargs else args:
             if isinstance(value, torch.Tensor):
@@ -1068,13 +1068,17 @@ class FeatureCache:
         device = "cpu" if first.is_cpu else first.device.type  # is_cpu: no device object
         autocast = (device, torch.get_autocast_dtype(device)) \
             if torch.is_autocast_enabled(device) else None
+        steady = self._steady.get((state.call, autocast))
+        if steady is None:
+            return None
+        ns = steady.ns
         assert ns.spec is not None and ns.storage is not None
         leaves = ns.storage.read_ids(state.ids, ns.spec.device)  # no side effect
         guard = self._guard
-        if leaves is None or (state.call, autocast) != ns.key or \
-                _registrations.count != steady.structure or not guard.unchanged() or \
-                guard.training() != steady.training or \
+        if leaves is None or _registrations.count != steady.structure or \
+                not guard.unchanged() or guard.training() != steady.training or \
                 guards.signature(args, kwargs) != ns.signature:
+            del self._steady[ns.key]
             return None
         if guard.random:
             guard.check_random()
@@ -1443,7 +1447,7 @@ class FeatureCache:
         return out
 
     def _drop_entries(self, *, wipe: bool = False) -> None:
-        self._steady = None
+        self._steady = {}
         for ns in self._namespaces.values():
             if ns.storage is not None:
                 ns.storage.close()
