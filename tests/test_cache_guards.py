@@ -229,6 +229,23 @@ def test_two_calls_of_the_boundary_per_batch_each_replay_steadily_and_are_watche
     assert (cache.invalidations, cache.misses) == (1, 16)
 
 
+def test_a_batch_with_new_ids_after_steady_replays_computes_only_those() -> None:
+    model = frozen_bert()
+    cache = tfz.FeatureCache(model, upto=UPTO)
+    x = tokens(10, 12)
+    for _ in range(3):
+        with cache.keys(torch.arange(8)):
+            model(x[:8])
+    ids = torch.tensor([6, 9, 7, 8])  # two stored, two new (unseen by the gather)
+    with cache.keys(ids):
+        cached = model(x[ids]).logits
+    assert torch.equal(cached, model(x[ids]).logits)
+    assert (cache.hits, cache.misses) == (16 + 2, 8 + 2)
+    with cache.keys(ids):  # all stored now: a full replay again
+        assert torch.equal(model(x[ids]).logits, cached)
+    assert cache.hits == 22
+
+
 def test_an_autocast_batch_after_steady_replays_is_its_own_entry() -> None:
     model = frozen_bert()
     cache = tfz.FeatureCache(model, upto=UPTO)

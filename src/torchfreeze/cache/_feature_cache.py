@@ -1045,7 +1045,7 @@ class FeatureCache:
             seg.detector = guards.RandomOps(self._where_running)
             seg.detector.__enter__()
         elif replay and seg.digests is None and not self._feeders and not self._filling and \
-                state.discovery is None:
+                state.discovery is None and isinstance(state.ids, torch.Tensor):
             self._steady[key] = _Steady(ns, self._structure, self._guard.training())
         return seg
 
