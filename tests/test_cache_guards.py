@@ -177,10 +177,8 @@ STEADY_CHANGES = {
 }
 
 
-@pytest.mark.parametrize("change", list(STEADY_CHANGES))
-def test_a_batch_replayed_like_the_last_one_still_passes_every_guard(change: str) -> None:
-    """After a full replay, the next batches take a shorter path (checked against what
-    the last one was checked against): every change still invalidates or refuses."""
+def steady_bert() -> tuple[nn.Module, tfz.FeatureCache, torch.Tensor, torch.Tensor]:
+    """A BERT whose cache has stored 4 ids and replays them on its steady path."""
     model = frozen_bert()
     cache = tfz.FeatureCache(model, upto=UPTO)
     x, ids = tokens(4, 12), torch.arange(4)
@@ -188,6 +186,14 @@ def test_a_batch_replayed_like_the_last_one_still_passes_every_guard(change: str
         with cache.keys(ids):
             model(x)
     assert cache._steady and (cache.hits, cache.misses) == (8, 4)  # in use
+    return model, cache, x, ids
+
+
+@pytest.mark.parametrize("change", list(STEADY_CHANGES))
+def test_a_batch_replayed_like_the_last_one_still_passes_every_guard(change: str) -> None:
+    """After a full replay, the next batches take a shorter path (checked against what
+    the last one was checked against): every change still invalidates or refuses."""
+    model, cache, x, ids = steady_bert()
     act, refusal = STEADY_CHANGES[change]
     act(model)
     if change == "another padded length":
@@ -247,12 +253,7 @@ def test_a_batch_with_new_ids_after_steady_replays_computes_only_those() -> None
 
 
 def test_an_autocast_batch_after_steady_replays_is_its_own_entry() -> None:
-    model = frozen_bert()
-    cache = tfz.FeatureCache(model, upto=UPTO)
-    x, ids = tokens(4, 12), torch.arange(4)
-    for _ in range(3):
-        with cache.keys(ids):
-            model(x)
+    model, cache, x, ids = steady_bert()
     with torch.autocast("cpu", dtype=torch.bfloat16), cache.keys(ids):
         cached = model(x).logits
     assert (cache.hits, cache.misses) == (8, 8)  # computed under autocast, not replayed
