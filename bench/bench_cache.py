@@ -253,7 +253,7 @@ def _skip_guards(cache: tfz.FeatureCache) -> None:
     from torchfreeze.cache import _feature_cache as fc
 
     def unchecked(state: Any, args: Any, kwargs: Any) -> Any:
-        ns = cache._steady[(state.call, None)].ns
+        ns, _ = cache._steady[(state.call, None)]
         leaves = ns.storage.read_ids(state.ids, ns.spec.device)
         if leaves is None:
             return None

@@ -40,31 +40,6 @@ _FLOAT_STORE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _Key = tuple[int, Any]
 
 
-class _Registrations:
-    """Counts parameter/buffer/module assignments anywhere (torch's global registration
-    hooks), so a cache rebuilds its flat list of watched tensors only when one happened."""
-
-    count = 0
-    installed = False
-
-    @classmethod
-    def bump(cls, *args: Any) -> None:
-        cls.count += 1
-
-    @classmethod
-    def install(cls) -> None:
-        if not cls.installed:
-            from torch.nn.modules import module as _module
-
-            _module.register_module_parameter_registration_hook(cls.bump)
-            _module.register_module_buffer_registration_hook(cls.bump)
-            _module.register_module_module_registration_hook(cls.bump)
-            cls.installed = True
-
-
-_registrations = _Registrations  # (call of the boundary inside one keys() block, autocast state)
-
-
 class _StopAtBoundary(Exception):
     """fill(): the boundary's rows are stored, the rest of the forward is not needed."""
 
@@ -111,18 +86,6 @@ class _Segment:
         self.hit_index: torch.Tensor | None = None
         self.miss_index: torch.Tensor | None = None
         self.leaves: list[torch.Tensor] | None = None  # read already (the steady replay)
-
-
-class _Steady:
-    """What the last fully replayed batch was checked against: the next batch that
-    matches it in every guard replays without the general path's bookkeeping."""
-
-    __slots__ = ("ns", "structure", "training")
-
-    def __init__(self, ns: _Namespace, structure: int, training: tuple[bool, ...]) -> None:
-        self.ns = ns
-        self.structure = structure  # the registration count the watch was built at
-        self.training = training  # a train/eval state verified free of random ops
 
 
 class _Pass:
@@ -496,12 +459,12 @@ class FeatureCache:
         self._namespaces: dict[_Key, _Namespace] = {}
         self._pass: _Pass | None = None
         # per namespace: what its last fully replayed batch was checked against
-        self._steady: dict[_Key, _Steady] = {}
+        self._steady: dict[_Key, tuple[_Namespace, guards.Steady]] = {}
         self._closed = False
         self._pinned: list[nn.Module] = []
         self._feeders: list[FeatureCache] = []  # earlier caches activated by keys() (advance)
-        _Registrations.install()
-        self._rebuild_watch()
+        guards.Registrations.install()
+        self._guard.rebuild()
         self._guard.fingerprint = self._guard.take_fingerprint()
         if upto is not None:
             self._refuse_hidden_states(model, bname)
@@ -1046,17 +1009,16 @@ class FeatureCache:
             seg.detector.__enter__()
         elif replay and seg.digests is None and not self._feeders and not self._filling and \
                 state.discovery is None and isinstance(state.ids, torch.Tensor):
-            self._steady[key] = _Steady(ns, self._structure, self._guard.training())
+            self._steady[key] = (ns, guards.Steady(self._guard, ns.signature))
         return seg
 
     def _steady_segment(self, state: _Pass, args: tuple[Any, ...],
                         kwargs: dict[str, Any]) -> _Segment | None:
-        """A batch replayed like its namespace's last one, checked in one pass: the same
-        guards as the general path (no (re)registration, the watched tensors' versions,
-        data pointers and ``requires_grad``, the train/eval state, random modules, the
-        signature, the batch size, every id stored), ``None`` at the first that does not
-        hold (the general path then runs and decides). Namespaces (two calls of the
-        boundary per batch, autocast) each keep their own."""
+        """A batch replayed like its namespace's last one, checked in one pass: the batch
+        size and every id stored here, every other per-batch rule by
+        :meth:`guards.Steady.holds`; ``None`` at the first that does not hold (the general
+        path then runs and decides). Namespaces (two calls of the boundary per batch,
+        autocast) each keep their own."""
         first = None  # the first tensor argument, as the general path finds it
         for value in (*args, *kwargs.values()) if kwargs else args:
             if isinstance(value, torch.Tensor):
@@ -1068,20 +1030,15 @@ class FeatureCache:
         device = "cpu" if first.is_cpu else first.device.type  # is_cpu: no device object
         autocast = (device, torch.get_autocast_dtype(device)) \
             if torch.is_autocast_enabled(device) else None
-        steady = self._steady.get((state.call, autocast))
-        if steady is None:
+        entry = self._steady.get((state.call, autocast))
+        if entry is None:
             return None
-        ns = steady.ns
+        ns, steady = entry
         assert ns.spec is not None and ns.storage is not None
         leaves = ns.storage.read_ids(state.ids, ns.spec.device)  # no side effect
-        guard = self._guard
-        if leaves is None or _registrations.count != steady.structure or \
-                not guard.unchanged() or guard.training() != steady.training or \
-                guards.signature(args, kwargs) != ns.signature:
+        if leaves is None or not steady.holds(self._guard, args, kwargs):
             del self._steady[ns.key]
             return None
-        if guard.random:
-            guard.check_random()
         seg = _Segment(ns, True, None)
         seg.leaves = leaves
         return seg
@@ -1397,19 +1354,15 @@ class FeatureCache:
         the boundary's output; the fingerprint starts from here."""
         self._guard.named = [*prefix, (self._boundary_name, self._boundary)]
         self._guard.outside = outside
-        self._rebuild_watch()
-        self._guard.fingerprint = self._guard.take_fingerprint()
-
-    def _rebuild_watch(self) -> None:
         self._guard.rebuild()
-        self._structure = _registrations.count
+        self._guard.fingerprint = self._guard.take_fingerprint()
 
     def _scan(self) -> None:
         """Every-batch checks over flat lists (no names); names only on a finding."""
         guard = self._guard
-        if self._structure != _registrations.count:
+        if guard.stale():
             # a parameter, buffer or module was (re)assigned somewhere: maybe here
-            self._rebuild_watch()
+            guard.rebuild()
         if guard.random:
             guard.check_random()
         if guard.changed():

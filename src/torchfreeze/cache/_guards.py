@@ -29,7 +29,9 @@ rule                   what it guards
 =====================  ==============================================================
 
 The invalidation rule (a watched tensor changed: drop the entries, or refuse a
-``path=`` store) is :class:`Watch`.
+``path=`` store) is :class:`Watch`. :class:`Steady` checks a batch replayed like the
+last one in one pass: it compares the input of every per-batch rule above, so a new
+per-batch rule adds its input there too.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ __all__ = [
     "DROPOUT",
     "Lineage",
     "RandomOps",
+    "Registrations",
+    "Steady",
     "Watch",
     "check_deterministic",
     "check_digests",
@@ -325,6 +329,28 @@ _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _TRAINING = operator.attrgetter("training")
 
 
+class Registrations:
+    """Counts parameter/buffer/module assignments anywhere (torch's global registration
+    hooks), so a watch rebuilds its flat list of tensors only when one happened."""
+
+    count = 0
+    installed = False
+
+    @classmethod
+    def bump(cls, *args: Any) -> None:
+        cls.count += 1
+
+    @classmethod
+    def install(cls) -> None:
+        if not cls.installed:
+            from torch.nn.modules import module as _module
+
+            _module.register_module_parameter_registration_hook(cls.bump)
+            _module.register_module_buffer_registration_hook(cls.bump)
+            _module.register_module_module_registration_hook(cls.bump)
+            cls.installed = True
+
+
 class Watch:
     """The tensors whose values the stored entries depend on, checked every batch.
 
@@ -333,6 +359,7 @@ class Watch:
     """
 
     def __init__(self) -> None:
+        self.structure = -1  # Registrations.count when the flat lists were built
         self.named: list[tuple[str, nn.Module]] = []  # (label, module): prefix + boundary
         self.outside: list[tuple[str, nn.Module, str]] = []  # (name, owner, attribute)
         self.tensors: list[torch.Tensor] = []
@@ -366,6 +393,12 @@ class Watch:
         self.tensors = [t for d in dicts for t in d.values() if t is not None]
         self.tensors += [t for _, t in self.names_and_tensors_outside()]
         self.key = []
+        self.structure = Registrations.count
+
+    def stale(self) -> bool:
+        """Whether a parameter, buffer or module was (re)assigned anywhere since
+        :meth:`rebuild` (maybe here: rebuild)."""
+        return self.structure != Registrations.count
 
     def names_and_tensors_outside(self) -> Iterable[tuple[str, torch.Tensor]]:
         for name, owner, attr in self.outside:
@@ -421,6 +454,36 @@ class Watch:
                          if now.get(k) != self.fingerprint.get(k))
         self.fingerprint = now
         return changed
+
+
+class Steady:
+    """What one namespace's last fully replayed batch was checked against, so that the
+    next batch can be checked in one pass (the steady replay).
+
+    Every input of a per-batch rule of the general path is compared here: nothing
+    (re)registered since, the watched tensors (:meth:`Watch.unchanged`), the train/eval
+    state (verified free of random ops when it was taken), the call signature, and the
+    random modules' rule runs again. A per-batch rule added to the general path must add
+    its input here too, or the steady replay would skip it. The caller checks the batch
+    size, the namespace and that every id is stored.
+    """
+
+    __slots__ = ("signature", "structure", "training")
+
+    def __init__(self, watch: Watch, signature: _Sig) -> None:
+        self.structure = watch.structure
+        self.training = watch.training()
+        self.signature = signature
+
+    def holds(self, watch: Watch, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether this call passes every rule as the snapshot's batch did (``False``: the
+        general path decides); raises like the general path for a random module."""
+        if Registrations.count != self.structure or not watch.unchanged() or \
+                watch.training() != self.training or signature(args, kwargs) != self.signature:
+            return False
+        if watch.random:
+            watch.check_random()
+        return True
 
 
 def changed_error(path: str, changed: list[str]) -> CacheError:
