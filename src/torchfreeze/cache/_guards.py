@@ -468,18 +468,18 @@ class Steady:
     size, the namespace and that every id is stored.
     """
 
-    __slots__ = ("signature", "structure", "training")
+    __slots__ = ("signature", "training")
 
     def __init__(self, watch: Watch, signature: _Sig) -> None:
-        self.structure = watch.structure
         self.training = watch.training()
         self.signature = signature
 
     def holds(self, watch: Watch, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Whether this call passes every rule as the snapshot's batch did (``False``: the
-        general path decides); raises like the general path for a random module."""
-        if Registrations.count != self.structure or not watch.unchanged() or \
-                watch.training() != self.training or signature(args, kwargs) != self.signature:
+        general path decides); raises like the general path for a random module. (A
+        rebuilt watch has no key until the general path has checked it.)"""
+        if watch.stale() or not watch.unchanged() or watch.training() != self.training or \
+                signature(args, kwargs) != self.signature:
             return False
         if watch.random:
             watch.check_random()
