@@ -456,3 +456,37 @@ def test_stock_hf_vision_models_replay_without_running_the_prefix(make, frozen, 
     assert counter.frozen_matmul == 0 and cache.hits == 3
     torch.testing.assert_close(first, plain, rtol=0, atol=1e-6)
     torch.testing.assert_close(again, plain, rtol=0, atol=1e-6)
+
+
+def test_a_placeholder_is_handed_out_again_only_when_nothing_else_holds_it() -> None:
+    """Replay hands each prefix module's last placeholder out again (no new tensor per
+    module per batch), but never one that something still holds: that one stays stale."""
+    import weakref
+
+    from torchfreeze.cache._hook import Clock, PrefixSpec
+
+    spec, clock = PrefixSpec(torch.zeros(4, 3), 4), Clock("boundary")
+    kept = spec.placeholders(4, clock, "m")
+    clock.tick += 1
+    fresh = spec.placeholders(4, clock, "m")
+    assert fresh is not kept and (kept._tick, fresh._tick) == (0, 1)  # kept stays stale
+    seen = weakref.ref(fresh)
+    del fresh  # now only the spec holds it
+    clock.tick += 1
+    again = spec.placeholders(4, clock, "m")
+    assert again is seen() and again._tick == 2
+    del again
+    assert spec.placeholders(5, clock, "m").shape == (5, 3)  # another batch size: new
+    # in a model: a placeholder kept from an earlier batch still refuses to be used
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2))
+    tfz.freeze(model, "0", "1")
+    cache = tfz.FeatureCache(model, upto="1")
+    outs: list[torch.Tensor] = []
+    model[0].register_forward_hook(lambda m, a, out: outs.append(out))
+    x = torch.randn(4, 3)
+    for _ in range(3):
+        with cache.keys(torch.arange(4)):
+            model(x)
+    assert cache.hits == 8 and outs[1] is not outs[2]  # outs holds each: never reused
+    with pytest.raises(CacheError):
+        outs[1] + 1

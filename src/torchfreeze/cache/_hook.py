@@ -370,6 +370,19 @@ class _Leaf:
     stride: tuple[int, ...] | None
 
 
+class _Holder:
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held = object()
+
+
+# What sys.getrefcount reports, read the way PrefixSpec reads it, for an object that one
+# attribute holds and nothing else (2 on CPython 3.11; interpreters may count otherwise).
+_PROBE = _Holder()
+_HELD_ONCE = sys.getrefcount(_PROBE.held)
+
+
 class PrefixSpec:
     """The recorded output structure of one prefix-module call, to rebuild as placeholders."""
 
@@ -393,12 +406,13 @@ class PrefixSpec:
     def placeholders(self, batch: int, clock: Clock, source: str) -> Any:
         if self.one:
             # One tensor (the common case). The last one is handed out again when nothing
-            # else holds it any more (2 references: self.last and getrefcount's argument),
-            # so no stale reference can come back to life with the new tick.
-            last = self.last
-            if last is not None and last.shape[0] == batch and sys.getrefcount(last) == 2:
-                last._tick = clock.tick
-                return last
+            # else holds it any more (as many references as an object held by one
+            # attribute only), so no stale reference can come back to life with the new
+            # tick.
+            if self.last is not None and sys.getrefcount(self.last) == _HELD_ONCE and \
+                    self.last.shape[0] == batch:
+                self.last._tick = clock.tick
+                return self.last
             x = self.leaves[0]
             self.last = Placeholder((batch, *x.shape) if x.per_sample else x.shape, x.dtype,
                                     x.device, clock, source, x.stride)
