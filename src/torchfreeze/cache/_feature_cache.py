@@ -1008,7 +1008,9 @@ class FeatureCache:
             seg.detector = guards.RandomOps(self._where_running)
             seg.detector.__enter__()
         elif replay and seg.digests is None and not self._feeders and not self._filling and \
-                state.discovery is None and isinstance(state.ids, torch.Tensor):
+                state.discovery is None and isinstance(state.ids, torch.Tensor) and \
+                ns.spec is not None and ns.spec.device.type == "cpu":
+            # (read_ids gathers on the CPU only: elsewhere every batch takes the general path)
             self._steady[key] = (ns, guards.Steady(self._guard, ns.signature))
         return seg
 
