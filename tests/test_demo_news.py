@@ -103,6 +103,14 @@ def test_the_plan_is_printed_first_and_predicts_the_frozen_strategies_memory(qui
     probe, s = plan["rows"][8], quick["by_name"]["linear-probe"]
     assert probe["frozen_through"] == "bert.pooler"
     assert probe["trainable"] == s["trainable_params"]
+    # and it caches what that row's cache column counts: the pooler's output
+    from torchfreeze import demo_news
+
+    from ._models import tiny_bert
+
+    setup = demo_news.STRATEGIES["linear-probe"].build(tiny_bert(), demo_news.Recipe())
+    assert setup.keys is not None and setup.keys.__self__.upto == probe["upto"]
+    setup.close()
     assert probe["memory"]["optimizer_state"] == s["optimizer_state_bytes"]
     assert plan["rows"][0]["trainable"] == quick["by_name"]["full-fine-tune"]["trainable_params"]
 

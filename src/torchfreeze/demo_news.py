@@ -323,10 +323,6 @@ def register(strategy: Strategy) -> Strategy:
     return strategy
 
 
-def _last_layer() -> str:
-    return f"bert.encoder.layer.{NUM_LAYERS - 1}"
-
-
 def _feature_cache(model: nn.Module, upto: str, setup: Setup) -> Setup:
     """Replay the frozen prefix up to ``upto`` through FeatureCache (when available)."""
     if not _USE_CACHE:
@@ -358,7 +354,8 @@ def _linear_probe(model: nn.Module, recipe: Recipe) -> Setup:
     from . import freeze
 
     freeze(model, "bert")
-    return _feature_cache(model, _last_layer(), Setup(_tfz_optimizer(model, recipe)))
+    # the boundary is the last frozen module: the pooler (one vector per article)
+    return _feature_cache(model, "bert.pooler", Setup(_tfz_optimizer(model, recipe)))
 
 
 def _partial_freeze(model: nn.Module, recipe: Recipe) -> Setup:
@@ -411,8 +408,9 @@ def _plain_pytorch(model: nn.Module, recipe: Recipe) -> Setup:
     return Setup(optimizer, verify=False)
 
 
-register(Strategy("linear-probe", "everything frozen but the head; FeatureCache(upto=last "
-                  "layer) replays the encoder; 5x the epochs", _linear_probe, epoch_mult=5))
+register(Strategy("linear-probe", "everything frozen but the head; FeatureCache(upto=pooler) "
+                  "replays the encoder and pooler; 5x the epochs", _linear_probe,
+                  epoch_mult=5))
 register(Strategy("partial-freeze", "embeddings + layers 0-3 frozen and cached (upto=layer.3); "
                   "layers 4-5 + head train", _partial_freeze))
 register(Strategy("gradual-unfreeze", "head first, then two layers per epoch from the top "
