@@ -241,6 +241,15 @@ def _autocast_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return None
 
 
+def _namespace_key(call: int, first: torch.Tensor | None) -> _Key:
+    """Which entries a call reads and writes: its index in the ``keys()`` block and the
+    autocast state of the device of its first tensor argument."""
+    device = "cpu" if first is None or first.is_cpu else first.device.type
+    autocast = (device, torch.get_autocast_dtype(device)) \
+        if torch.is_autocast_enabled(device) else None
+    return (call, autocast)
+
+
 def _resolve_upto(model: nn.Module, upto: Any) -> tuple[nn.Module, str]:
     names = {id(m): n for n, m in model.named_modules()}
     if isinstance(upto, nn.Module):
@@ -976,10 +985,7 @@ class FeatureCache:
                     break
         if first is not None and not batched:
             self._check_batch(state, args, kwargs)
-        device = "cpu" if first is None else first.device.type
-        autocast = (device, torch.get_autocast_dtype(device)) \
-            if torch.is_autocast_enabled(device) else None
-        key = (state.call, autocast)
+        key = _namespace_key(state.call, first)
         ns = self._namespaces.get(key)
         if ns is None:
             ns = self._namespaces[key] = self._new_namespace(key)
@@ -1029,10 +1035,7 @@ class FeatureCache:
         if type(first) is not torch.Tensor or not first.dim() or first.shape[0] != state.n \
                 or self.validate or self._filling or state.discovery is not None:
             return None
-        device = "cpu" if first.is_cpu else first.device.type  # is_cpu: no device object
-        autocast = (device, torch.get_autocast_dtype(device)) \
-            if torch.is_autocast_enabled(device) else None
-        entry = self._steady.get((state.call, autocast))
+        entry = self._steady.get(_namespace_key(state.call, first))
         if entry is None:
             return None
         ns, steady = entry
